@@ -1,0 +1,481 @@
+"""
+video-SALMONN 2 in plain PyTorch: the three frozen backbones and their checkpoint loaders.
+
+- Qwen2: the LLM (RMSNorm, RoPE with configurable theta, grouped-query attention through
+  scaled_dot_product_attention, q/k/v bias, SwiGLU MLP, tied or untied head), with a KV cache
+  whose batch-1 prefix can serve N continuations (one video, N captions).
+- WhisperEncoder: the audio encoder of Whisper (conv stem, sinusoidal positions, pre-LN blocks).
+- SiglipVision: the SigLIP tower, returning the last kept layer before post-layernorm.
+Each module's parameter names equal the Hugging Face ones below a prefix, so loading is renaming.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+# -----------------------------------------------------------------------------
+# Qwen2
+
+
+@dataclass
+class Qwen2Config:  # field names and defaults are those of transformers' Qwen2Config
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 22016
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 and scale in the input dtype, exactly as the reference does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """cos, sin of shape (T, head_dim) for the half-split rotation (rotate_half), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # a batch-1 prefix (one video) serves B continuations: expand is a view, and its
+            # backward sums the B gradients into the one prefix
+            pk, pv = (t.expand(B, -1, -1, -1) if t.size(0) == 1 else t for t in cache)
+            k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)  # (B, nkv, P+T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None and T > 1,
+                                           enable_gqa=self.n_kv != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.o_proj(y), (k, v)
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2Block(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen2Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen2MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Qwen2(nn.Module):
+    """Qwen2 decoder. forward(idx) -> (logits, cache); a cache is a list of per-layer (k, v),
+    each (B or 1, n_kv, T_past, head_dim)."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # a tied head reads embed_tokens.weight, so there is nothing to load or tie for it
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        _init_normal(self)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """Qwen2ForCausalLM, the released video-SALMONN 2, or either LLaVA-OneVision layout."""
+        return load_qwen2(cls, path, dtype, device)
+
+    def head(self, h):
+        return F.linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+
+    def hidden(self, embeds, cache=None, start_pos=None, use_cache=False):
+        """Final-normed hidden states (B, T, C) of input embeddings; positions continue the cache."""
+        T, P = embeds.size(1), cache[0][0].size(2) if cache else 0
+        start_pos = P if start_pos is None else start_pos
+        pos = torch.arange(start_pos, start_pos + T, device=embeds.device)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        # SDPA's is_causal aligns to the top-left; after a prefix of P the diagonal sits P columns right
+        mask = torch.ones(T, P + T, dtype=torch.bool, device=embeds.device).tril(P) if P and T > 1 else None
+        x, new_cache = embeds, []
+        for i, block in enumerate(self.layers):
+            x, kv = block(x, cos, sin, cache[i] if cache else None, mask)
+            if use_cache:
+                new_cache.append(kv)
+        return self.norm(x), (new_cache if use_cache else None)
+
+    def forward(self, idx=None, embeds=None, cache=None, start_pos=None, use_cache=False):
+        embeds = self.embed_tokens(idx) if embeds is None else embeds
+        h, new_cache = self.hidden(embeds, cache, start_pos, use_cache)
+        return self.head(h), new_cache
+
+    @torch.no_grad()
+    def generate(self, embeds, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, greedy=False,
+                 stop_ids=(), generator=None, return_logprobs=False):
+        """Sample n continuations of one prompt (embeds (1, T, C)) sharing one prefill.
+        Returns a list of n token lists (each ends at its first stop id, kept) and, when asked,
+        each token's log-probability under the untempered model (n lists of floats)."""
+        logits, cache = self(embeds=embeds, use_cache=True)
+        logits = logits[:, -1].expand(n, -1)  # (n, V): all n rows start from the one prefill
+        out = torch.zeros(n, 0, dtype=torch.long, device=embeds.device)
+        logps = torch.zeros(n, 0, device=embeds.device)
+        done = torch.zeros(n, dtype=torch.bool, device=embeds.device)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=embeds.device)
+        for _ in range(max_new_tokens):
+            tok = greedy_or_nucleus(logits.float(), temperature, top_p, greedy, generator)  # (n,)
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None])[:, 0]
+            out, logps = torch.cat((out, tok[:, None]), 1), torch.cat((logps, lp[:, None]), 1)
+            done |= torch.isin(tok, stop)
+            if done.all():
+                break
+            logits, cache = self(tok[:, None], cache=cache, use_cache=True)
+            logits = logits[:, -1]
+        seqs, lps = [], []
+        for row, lp in zip(out.tolist(), logps.tolist()):
+            end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+            seqs.append(row[:end])
+            lps.append(lp[:end])
+        return (seqs, lps) if return_logprobs else seqs
+
+
+def greedy_or_nucleus(logits, temperature, top_p, greedy, generator=None):
+    """Next token per row of logits (N, V): argmax, or nucleus sampling (Holtzman et al.)."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # keep the smallest set of tokens whose mass reaches top_p (the top token always survives)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)  # (N, 1), renormalises itself
+    return order.gather(1, choice)[:, 0]
+
+
+def _init_normal(module, std=0.02):
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+# -----------------------------------------------------------------------------
+# Whisper encoder
+
+SAMPLE_RATE = 16000  # Hz
+N_FFT = 400  # 25 ms window
+HOP_LENGTH = 160  # 10 ms hop: 100 mel frames per second
+CHUNK_LENGTH = 30  # seconds of audio per encoder input
+# the stride-2 conv makes 50 encoder frames per second (20 ms each)
+
+
+@dataclass
+class WhisperConfig:  # field names and defaults are those of transformers' WhisperConfig
+    num_mel_bins: int = 80
+    d_model: int = 384
+    encoder_layers: int = 4
+    encoder_attention_heads: int = 6
+    encoder_ffn_dim: int = 1536
+    max_source_positions: int = 1500  # encoder frames per input: 1500 = 30 s
+
+
+def sinusoids(length, channels, max_timescale=10000):
+    """Whisper's sinusoidal table (length, channels): sines in the first half, cosines in the second."""
+    inc = math.log(max_timescale) / (channels // 2 - 1)
+    inv = torch.exp(-inc * torch.arange(channels // 2, dtype=torch.float))
+    t = torch.arange(length, dtype=torch.float)[:, None] * inv[None, :]  # (length, channels/2)
+    return torch.cat([t.sin(), t.cos()], dim=1)
+
+
+class EncoderAttention(nn.Module):
+    """Bidirectional multi-head attention with the projections named as in Whisper and SigLIP."""
+
+    def __init__(self, dim, n_head, k_bias=True):
+        super().__init__()
+        self.n_head = n_head
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=k_bias)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class WhisperBlock(nn.Module):
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.self_attn = EncoderAttention(cfg.d_model, cfg.encoder_attention_heads, k_bias=False)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoder(nn.Module):
+    """Log-mel (B, n_mels, 2 * max_source_positions) -> (B, max_source_positions, d_model)."""
+
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.d_model, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(cfg.d_model, cfg.d_model, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, cfg.d_model)
+        self.layers = nn.ModuleList(WhisperBlock(cfg) for _ in range(cfg.encoder_layers))
+        self.layer_norm = nn.LayerNorm(cfg.d_model)
+        _init_normal(self)
+        self.embed_positions.weight.data.copy_(sinusoids(cfg.max_source_positions, cfg.d_model))
+        self.embed_positions.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """WhisperForConditionalGeneration or WhisperModel; the decoder is not loaded."""
+        return load_whisper(cls, path, dtype, device)
+
+    def forward(self, mel):
+        assert mel.shape[1:] == (self.cfg.num_mel_bins, 2 * self.cfg.max_source_positions), f"expected mel (B, {self.cfg.num_mel_bins}, {2 * self.cfg.max_source_positions}), got {tuple(mel.shape)}"
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T, C)
+        x = x + self.embed_positions.weight
+        for block in self.layers:
+            x = block(x)
+        return self.layer_norm(x)
+
+
+# -----------------------------------------------------------------------------
+# SigLIP vision tower
+
+
+@dataclass
+class SiglipVisionConfig:  # field names and defaults are those of transformers' SiglipVisionConfig
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-6
+    keep_layers: int = 0  # layers run (0: all); LLaVA-OneVision drops the last layer of so400m
+
+    @property
+    def grid(self):  # patches per side
+        return self.image_size // self.patch_size
+
+
+# google/siglip-so400m-patch14-384, whose config the original LLaVA-OneVision layout does not carry
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=384, patch_size=14)
+
+
+class SiglipBlock(nn.Module):
+    def __init__(self, cfg: SiglipVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = EncoderAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(cfg.hidden_size, cfg.intermediate_size),
+                                      fc2=nn.Linear(cfg.intermediate_size, cfg.hidden_size)))
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
+
+
+class SiglipVision(nn.Module):
+    """Pixels (B, 3, H, W), normalised to [-1, 1] -> patch features (B, grid * grid, hidden_size)."""
+
+    def __init__(self, cfg: SiglipVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.ModuleDict(dict(
+            patch_embedding=nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size),
+            position_embedding=nn.Embedding(cfg.grid ** 2, cfg.hidden_size)))
+        n = cfg.keep_layers or cfg.num_hidden_layers
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(SiglipBlock(cfg) for _ in range(n))))
+        _init_normal(self)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu", keep_layers=None):
+        """SiglipVisionModel, SiglipModel (vision half), or either LLaVA-OneVision layout."""
+        return load_siglip(cls, path, dtype, device, keep_layers)
+
+    def forward(self, pixels):
+        x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = x + self.embeddings.position_embedding.weight
+        for block in self.encoder.layers:
+            x = block(x)
+        return x
+
+
+# -----------------------------------------------------------------------------
+# Loading Hugging Face checkpoints: build on the meta device, then assign the tensors read from
+# safetensors, so a 7B model is never held twice.
+
+
+def read_config(path):
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def make_config(cls, d, **overrides):
+    """A config dataclass from a Hugging Face config dict (unknown keys ignored)."""
+    d = dict(d)
+    if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # transformers >= 5 layout
+        d["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in {**d, **overrides}.items() if k in names})
+
+
+def checkpoint_keys(path):
+    """{tensor name: safetensors file} for model.safetensors or a sharded index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_into(model, path, rename, dtype=None, device="cpu"):
+    """Load every checkpoint tensor whose rename(key) is not None into model (built on meta).
+    rename maps a checkpoint key to a parameter name, or None for tensors deliberately left out."""
+    files = checkpoint_keys(path)
+    wanted = {}
+    for key, file in files.items():
+        name = rename(key)
+        if name is not None:
+            wanted.setdefault(file, []).append((key, name))
+    expected = set(model.state_dict().keys())
+    got = {name for pairs in wanted.values() for _, name in pairs}
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: cannot load {type(model).__name__}: "
+                         f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
+    state = {}
+    for file, pairs in wanted.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key, name in pairs:
+                t = f.get_tensor(key)
+                state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def strip(prefix):
+    return lambda k: k[len(prefix):] if k.startswith(prefix) else None
+
+
+def load_qwen2(cls, path, dtype=None, device="cpu"):
+    cfg = make_config(Qwen2Config, read_config(path).get("text_config", read_config(path)))  # llava-hf nests it
+    with torch.device("meta"):
+        model = cls(cfg)
+    hf = any(k.startswith("language_model.") for k in checkpoint_keys(path))
+    body, head = ("language_model.model.", "language_model.lm_head.") if hf else ("model.", "lm_head.")
+    skip = ("model.vision_tower.", "model.mm_projector.", "model.image_newline")  # the visual half of LLaVA
+
+    def rename(k):
+        if k.startswith(head):  # some exports of a tied model still carry the duplicate head
+            return None if cfg.tie_word_embeddings else "lm_head." + k[len(head):]
+        return None if k.startswith(skip) else strip(body)(k)
+    return load_into(model, path, rename, dtype, device)
+
+
+def load_whisper(cls, path, dtype=None, device="cpu"):
+    cfg = make_config(WhisperConfig, read_config(path))
+    with torch.device("meta"):
+        model = cls(cfg)
+    keys = checkpoint_keys(path)
+    prefix = "model.encoder." if any(k.startswith("model.encoder.") for k in keys) else "encoder."
+    return load_into(model, path, strip(prefix), dtype, device)
+
+
+# original LLaVA-OneVision, llava-hf, SiglipModel and hub SiglipVisionModel, transformers-5 SiglipVisionModel
+SIGLIP_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_model.", "")
+
+
+def load_siglip(cls, path, dtype=None, device="cpu", keep_layers=None):
+    raw = read_config(path)
+    if "mm_vision_tower" in raw:  # original LLaVA-OneVision: so400m, last layer dropped
+        cfg, keep_layers = make_config(SiglipVisionConfig, SIGLIP_SO400M), keep_layers or 26
+    elif raw.get("model_type") == "llava_onevision":  # llava-hf keeps the 26 layers it uses
+        cfg = make_config(SiglipVisionConfig, raw["vision_config"])
+    else:  # SiglipVisionModel, or SiglipModel whose vision half is nested
+        cfg = make_config(SiglipVisionConfig, raw.get("vision_config", raw))
+    if keep_layers:
+        cfg.keep_layers = keep_layers
+    with torch.device("meta"):
+        model = cls(cfg)
+    keys = checkpoint_keys(path)
+    prefix = next((p for p in SIGLIP_PREFIXES if p + "embeddings.patch_embedding.weight" in keys), "vision_model.")
+    n_run = cfg.keep_layers or cfg.num_hidden_layers
+
+    def rename(k):
+        k = strip(prefix)(k)
+        if k is None or k.startswith(("post_layernorm.", "head.")):
+            return None  # we return features before post-layernorm, and never use the pooling head
+        if k.startswith("encoder.layers.") and int(k.split(".")[2]) >= n_run:
+            return None
+        return k
+    return load_into(model, path, rename, dtype, device)
+
