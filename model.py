@@ -371,6 +371,8 @@ class SiglipVision(nn.Module):
 
 
 def read_config(path):
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f)
 
@@ -450,14 +452,17 @@ def load_whisper(cls, path, dtype=None, device="cpu"):
     return load_into(model, path, strip(prefix), dtype, device)
 
 
-# original LLaVA-OneVision, llava-hf, SiglipModel and hub SiglipVisionModel, transformers-5 SiglipVisionModel
-SIGLIP_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_model.", "")
+# original LLaVA-OneVision; llava-hf as on the hub and as transformers 5 saves it; SiglipModel and hub
+# SiglipVisionModel; SiglipVisionModel as transformers 5 saves it
+SIGLIP_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_tower.",
+                   "vision_model.", "")
 
 
 def load_siglip(cls, path, dtype=None, device="cpu", keep_layers=None):
     raw = read_config(path)
-    if "mm_vision_tower" in raw:  # original LLaVA-OneVision: so400m, last layer dropped
-        cfg, keep_layers = make_config(SiglipVisionConfig, SIGLIP_SO400M), keep_layers or 26
+    if "mm_vision_tower" in raw:  # original LLaVA-OneVision: so400m with its last layer dropped (26 of 27)
+        cfg = make_config(SiglipVisionConfig, SIGLIP_SO400M)
+        keep_layers = keep_layers or cfg.num_hidden_layers - 1
     elif raw.get("model_type") == "llava_onevision":  # llava-hf keeps the 26 layers it uses
         cfg = make_config(SiglipVisionConfig, raw["vision_config"])
     else:  # SiglipVisionModel, or SiglipModel whose vision half is nested
