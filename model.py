@@ -6,6 +6,9 @@ video-SALMONN 2 in plain PyTorch: the three frozen backbones and their checkpoin
   whose batch-1 prefix can serve N continuations (one video, N captions).
 - WhisperEncoder: the audio encoder of Whisper (conv stem, sinusoidal positions, pre-LN blocks).
 - SiglipVision: the SigLIP tower, returning the last kept layer before post-layernorm.
+- VideoSALMONN2: tower -> projector -> 2x2 max-pool -> row newlines per frame; Whisper per 30 s
+  segment -> window-level Q-Former (qformer.py); the two interleaved frame by frame (paper Eq. 4-6)
+  inside the Qwen2 chat prompt.
 Each module's parameter names equal the Hugging Face ones below a prefix, so loading is renaming.
 """
 import json
@@ -399,16 +402,17 @@ def checkpoint_keys(path):
         return {k: single for k in f.keys()}
 
 
-def load_into(model, path, rename, dtype=None, device="cpu"):
+def load_into(model, path, rename, dtype=None, device="cpu", only=None):
     """Load every checkpoint tensor whose rename(key) is not None into model (built on meta).
-    rename maps a checkpoint key to a parameter name, or None for tensors deliberately left out."""
+    rename maps a checkpoint key to a parameter name, or None for tensors deliberately left out;
+    only (a tuple of name prefixes) restricts the load to part of the model."""
     files = checkpoint_keys(path)
     wanted = {}
     for key, file in files.items():
         name = rename(key)
-        if name is not None:
+        if name is not None and (only is None or name.startswith(only)):
             wanted.setdefault(file, []).append((key, name))
-    expected = set(model.state_dict().keys())
+    expected = {k for k in model.state_dict() if only is None or k.startswith(only)}
     got = {name for pairs in wanted.values() for _, name in pairs}
     missing, unexpected = sorted(expected - got), sorted(got - expected)
     if missing or unexpected:
@@ -420,7 +424,7 @@ def load_into(model, path, rename, dtype=None, device="cpu"):
             for key, name in pairs:
                 t = f.get_tensor(key)
                 state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=only is None, assign=True)
     return model
 
 
@@ -474,13 +478,200 @@ def load_siglip(cls, path, dtype=None, device="cpu", keep_layers=None):
     keys = checkpoint_keys(path)
     prefix = next((p for p in SIGLIP_PREFIXES if p + "embeddings.patch_embedding.weight" in keys), "vision_model.")
     n_run = cfg.keep_layers or cfg.num_hidden_layers
+    return load_into(model, path, lambda k: tower_key(strip(prefix)(k), n_run), dtype, device)
 
-    def rename(k):
-        k = strip(prefix)(k)
-        if k is None or k.startswith(("post_layernorm.", "head.")):
-            return None  # we return features before post-layernorm, and never use the pooling head
-        if k.startswith("encoder.layers.") and int(k.split(".")[2]) >= n_run:
-            return None
-        return k
-    return load_into(model, path, rename, dtype, device)
 
+def tower_key(k, n_run):
+    """A SigLIP key (below the vision_model prefix) we load, or None: we return features before
+    post-layernorm, never use the pooling head, and skip the layers past the kept ones."""
+    if k is None or k.startswith(("post_layernorm.", "head.")):
+        return None
+    if k.startswith("encoder.layers.") and int(k.split(".")[2]) >= n_run:
+        return None
+    return k
+
+
+
+# -----------------------------------------------------------------------------
+# video-SALMONN 2: the audio-visual model
+
+# openai/whisper-large-v3's encoder, whose config the released checkpoint does not carry
+WHISPER_LARGE_V3 = dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                        encoder_ffn_dim=5120, max_source_positions=1500)
+AUDIO_SPLIT_RATE = 50  # the released code keeps round(50 * duration) audio tokens "in front": in practice all
+
+
+@dataclass
+class AVConfig:
+    llm: Qwen2Config
+    vision: SiglipVisionConfig
+    whisper: WhisperConfig
+    qformer: "QFormerConfig"
+    pool: int = 2  # max-pool stride over the patch grid, after the projector (27 x 27 -> 13 x 13)
+    segment_seconds: float = CHUNK_LENGTH  # audio per Whisper input
+
+    @property
+    def tokens_per_frame(self):  # 13 * 13 + 13 newlines = 182 for so400m at 384 px
+        h = self.vision.grid // self.pool
+        return h * (h + 1)
+
+    @property
+    def audio_tokens_per_second(self):  # 60 tokens / 30 s = 2
+        return self.qformer.tokens_per_segment / self.segment_seconds
+
+    def to_dict(self):
+        return {"llm": vars(self.llm), "vision": vars(self.vision), "whisper": vars(self.whisper),
+                "qformer": vars(self.qformer), "pool": self.pool, "segment_seconds": self.segment_seconds}
+
+    @staticmethod
+    def from_dict(d):
+        from qformer import QFormerConfig
+        return AVConfig(Qwen2Config(**d["llm"]), SiglipVisionConfig(**d["vision"]), WhisperConfig(**d["whisper"]),
+                        QFormerConfig(**d["qformer"]), d.get("pool", 2), d.get("segment_seconds", CHUNK_LENGTH))
+
+
+class VideoSALMONN2(nn.Module):
+    def __init__(self, cfg: AVConfig):
+        from qformer import AudioAligner
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.llm.hidden_size
+        self.llm = Qwen2(cfg.llm)
+        self.tower = SiglipVision(cfg.vision)
+        self.projector = nn.Sequential(nn.Linear(cfg.vision.hidden_size, D), nn.GELU(), nn.Linear(D, D))
+        self.image_newline = nn.Parameter(torch.randn(D) / math.sqrt(D))
+        self.speech_encoder = WhisperEncoder(cfg.whisper)
+        self.audio = AudioAligner(cfg.qformer)
+        self.freeze_encoders()
+
+    @torch.no_grad()
+    def encode(self, frames, mel):
+        """The frozen, cacheable part: tower features (F, N, Cv) and Whisper features (S, T, Ca)."""
+        return self.tower(frames), self.speech_encoder(mel)
+
+    def visual_tokens(self, feats):
+        """Tower features (F, g*g, Cv) -> (F, h*(h+1), D): projector, max-pool, a newline after each row."""
+        x = self.projector(feats)  # (F, g*g, D)
+        Fn, N, D = x.shape
+        g = math.isqrt(N)
+        x = x.view(Fn, g, g, D).permute(0, 3, 1, 2)  # (F, D, g, g)
+        x = F.max_pool2d(x, self.cfg.pool).permute(0, 2, 3, 1)  # (F, h, h, D)
+        h = x.size(1)
+        x = torch.cat([x, self.image_newline.to(x.dtype).expand(Fn, h, 1, D)], dim=2)  # (F, h, h+1, D)
+        return x.reshape(Fn, h * (h + 1), D)
+
+    def interleave(self, vis, aud, frame_times, duration, time_aligned=False):
+        """Frame i's visual tokens, then its slice of audio tokens (paper Eq. 4-6) -> (L, D).
+
+        Default, as the paper and the released model: all audio tokens, the padding of the last
+        segment included, are spread evenly over the n frames (stretched by nearest-neighbour
+        interpolation to a multiple of n), so timing drifts unless the duration is a multiple of 30 s.
+        time_aligned: frame i gets only the tokens whose time falls in [t_i, t_{i+1}), and the tokens
+        past the end of the audio (segment padding) are dropped."""
+        n, D = vis.size(0), vis.size(-1)
+        if time_aligned:
+            rate = self.cfg.audio_tokens_per_second
+            n_keep = min(aud.size(0), math.ceil(duration * rate))
+            edges = [0] + [min(round(t * rate), n_keep) for t in frame_times[1:]] + [n_keep]
+            return torch.cat([torch.cat([vis[i], aud[edges[i]:edges[i + 1]]]) for i in range(n)])
+        split = round(duration * AUDIO_SPLIT_RATE)
+        front, back = aud[:split], aud[split:]
+        if front.size(0) % n:
+            size = front.size(0) + n - front.size(0) % n
+            front = F.interpolate(front.T[None], size=size, mode="nearest")[0].T  # (size, D)
+        front = front.reshape(n, -1, D)  # (n, k, D)
+        return torch.cat([torch.cat([vis, front], dim=1).reshape(-1, D), back])
+
+    def av_tokens(self, vis_feats, aud_feats, frame_times, duration, time_aligned=False):
+        """Cached encoder features of one video -> its audio-visual block (L, D)."""
+        vis = self.visual_tokens(vis_feats)
+        aud = self.audio(aud_feats) if aud_feats is not None else vis.new_zeros(0, vis.size(-1))
+        return self.interleave(vis, aud.to(vis.dtype), frame_times, duration, time_aligned)
+
+    def prompt_embeds(self, before_ids, av, after_ids):
+        """Token ids before and after the <image> placeholder around the AV block -> (1, P, D)."""
+        emb = self.llm.embed_tokens
+        dev = emb.weight.device
+        pieces = [emb(torch.tensor(before_ids, device=dev)), av.to(emb.weight.dtype), emb(torch.tensor(after_ids, device=dev))]
+        return torch.cat(pieces)[None]
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """A checkpoint in the released video-SALMONN 2 layout (ours carry their full config)."""
+        raw = read_config(path)
+        cfg = av_config_from_hf(raw)
+        with torch.device("meta"):
+            model = cls(cfg)
+        n_run = cfg.vision.keep_layers or cfg.vision.num_hidden_layers
+
+        def rename(k):
+            ours = released_to_ours(k)
+            if ours is not None and ours.startswith("tower."):
+                return "tower." + t if (t := tower_key(ours[len("tower."):], n_run)) else None
+            return ours
+        load_into(model, path, rename, dtype, device)
+        return model.freeze_encoders()
+
+    @classmethod
+    def from_base(cls, llava_path, whisper_path, qformer_cfg=None, dtype=None, device="cpu"):
+        """The starting point of audio alignment: LLaVA-OneVision (either layout) and a Whisper
+        checkpoint, with a fresh audio aligner."""
+        from qformer import AudioAligner, QFormerConfig
+        llm = Qwen2.from_pretrained(llava_path, dtype, device)
+        tower = SiglipVision.from_pretrained(llava_path, dtype, device)
+        whisper = WhisperEncoder.from_pretrained(whisper_path, dtype, device)
+        qformer_cfg = qformer_cfg or QFormerConfig(encoder_width=whisper.cfg.d_model, llm_dim=llm.cfg.hidden_size)
+        with torch.device("meta"):
+            model = cls(AVConfig(llm.cfg, tower.cfg, whisper.cfg, qformer_cfg))
+        model.llm, model.tower, model.speech_encoder = llm, tower, whisper
+        model.audio = AudioAligner(qformer_cfg).to(device, dtype)
+        hf_names = {"multi_modal_projector.linear_1.": "projector.0.", "multi_modal_projector.linear_2.": "projector.2.",
+                    "image_newline": "image_newline"}
+
+        def rename(k):  # llava-hf names, else the original (released-like) ones
+            old = next((o for o in hf_names if k.startswith(o)), None)
+            return hf_names[old] + k[len(old):] if old else released_to_ours(k)
+        load_into(model, llava_path, rename, dtype, device, only=("projector.", "image_newline"))
+        return model.freeze_encoders()
+
+    def freeze_encoders(self):
+        for frozen in (self.tower, self.speech_encoder):  # paper 3.2: the encoders never train
+            frozen.requires_grad_(False)
+        return self
+
+    def save_pretrained(self, path):
+        """config.json and model.safetensors in the released video-SALMONN 2 layout."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        state = {ours_to_released(k): v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(path, "model.safetensors"))
+        config = {**vars(self.cfg.llm), "model_type": "video_salmonn_2", "mm_vision_tower": "siglip",
+                  "video_salmonn_2": self.cfg.to_dict()}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+
+
+# (released key prefix, our prefix), most specific first
+RELEASED_PREFIXES = [("model.vision_tower.vision_tower.vision_model.", "tower."), ("model.mm_projector.", "projector."),
+                     ("model.image_newline", "image_newline"), ("lm_head.", "llm.lm_head."), ("model.", "llm."),
+                     ("speech_encoder.", "speech_encoder."), ("ln_speech.", "audio.ln_speech."),
+                     ("speech_Qformer.", "audio.speech_Qformer."), ("speech_query_tokens", "audio.speech_query_tokens"),
+                     ("speech_llama_proj.", "audio.speech_llama_proj."), ("final_linear.", "audio.final_linear.")]
+
+
+def released_to_ours(key):
+    return next((new + key[len(old):] for old, new in RELEASED_PREFIXES if key.startswith(old)), None)
+
+
+def ours_to_released(key):
+    return next(old + key[len(new):] for old, new in RELEASED_PREFIXES if key.startswith(new))
+
+
+def av_config_from_hf(raw):
+    """Ours carry the full AVConfig; the released checkpoint only its LLM config, the rest are constants."""
+    if "video_salmonn_2" in raw:
+        return AVConfig.from_dict(raw["video_salmonn_2"])
+    from qformer import QFormerConfig
+    llm = make_config(Qwen2Config, raw)
+    return AVConfig(llm, make_config(SiglipVisionConfig, SIGLIP_SO400M, keep_layers=26),
+                    make_config(WhisperConfig, WHISPER_LARGE_V3), QFormerConfig(llm_dim=llm.hidden_size))
