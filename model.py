@@ -168,8 +168,8 @@ class Qwen2(nn.Module):
         """Sample n continuations of one prompt (embeds (1, T, C)) sharing one prefill.
         Returns a list of n token lists (each ends at its first stop id, kept) and, when asked,
         each token's log-probability under the untempered model (n lists of floats)."""
-        logits, cache = self(embeds=embeds, use_cache=True)
-        logits = logits[:, -1].expand(n, -1)  # (n, V): all n rows start from the one prefill
+        h, cache = self.hidden(embeds, use_cache=True)
+        logits = self.head(h[:, -1]).expand(n, -1)  # (n, V): all n rows start from the one prefill
         out = torch.zeros(n, 0, dtype=torch.long, device=embeds.device)
         logps = torch.zeros(n, 0, device=embeds.device)
         done = torch.zeros(n, dtype=torch.bool, device=embeds.device)
@@ -182,7 +182,7 @@ class Qwen2(nn.Module):
             if done.all():
                 break
             logits, cache = self(tok[:, None], cache=cache, use_cache=True)
-            logits = logits[:, -1]
+            logits = logits[:, -1]  # (n, V)
         seqs, lps = [], []
         for row, lp in zip(out.tolist(), logps.tolist()):
             end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
