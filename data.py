@@ -1,8 +1,11 @@
 """
-Data for video-SALMONN 2: the Whisper log-mel front end and the Qwen2 chat format.
+Data for video-SALMONN 2: the Whisper log-mel front end, PyAV video and audio decoding, and the Qwen2 chat format.
 """
+import logging
+from dataclasses import dataclass
 from functools import lru_cache
 
+import av
 import numpy as np
 import torch
 from tokenizers import Tokenizer
@@ -51,6 +54,120 @@ def log_mel_spectrogram(audio, n_mels=80, n_samples=N_SAMPLES):
 
 
 # -----------------------------------------------------------------------------
+# video and audio decoding with PyAV (paper sections 3.1 and 4.1)
+
+FPS = 1.0  # frames sampled per second of video
+MAX_FRAMES = 110  # m: a longer video gives m frames spread over its whole length
+IMAGE_SIZE = 384  # SigLIP's input side: frames are squashed to a square, no crop
+IMAGE_MEAN = IMAGE_STD = 0.5  # SigLIP's normalisation, mapping [0, 1] to [-1, 1]
+
+log = logging.getLogger(__name__)
+_warned_silent = set()  # files already reported as having no audio: one warning per file, not per epoch
+
+
+class MediaError(Exception):
+    """A video or audio file that cannot be used: missing, empty, truncated, corrupt, or without video."""
+
+
+@dataclass
+class Media:
+    frames: torch.Tensor  # (F, 3, S, S) float32 in [-1, 1]
+    times: list  # seconds at which each frame was taken
+    mel: torch.Tensor  # (n_segments, n_mels, segment_seconds * 100) log-mel of 16 kHz mono audio
+    duration: float  # seconds of video
+    has_audio: bool  # False: the mel is that of silence
+
+
+def _media_error(path, err):  # one line naming the file; FFmpeg's own message often names only the call
+    return MediaError(f"{path}: {getattr(err, 'strerror', None) or err}")
+
+
+def sample_frame_indices(n_frames, native_fps, fps=FPS, max_frames=MAX_FRAMES):
+    """Indices of the frames to keep: every round(native_fps / fps)-th from frame 0, as the official code.
+
+    Past max_frames of those, the paper lowers the rate to floor(m / T) fps, which is 0 once T > m seconds;
+    like the official code we keep max_frames frames spread uniformly from the first to the last instead."""
+    idx = np.arange(0, max(1, n_frames), max(1, round(native_fps / fps)))
+    return idx if len(idx) <= max_frames else np.linspace(0, n_frames - 1, max_frames).astype(int)
+
+
+def load_frames(path, fps=FPS, max_frames=MAX_FRAMES, image_size=IMAGE_SIZE):
+    """The sampled frames of a video's first video stream
+    -> ((F, 3, S, S) float32 in [-1, 1], their times in s, duration in s)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # every frame is decoded (sequentially, no seeking), so use all cores
+            rate = float(stream.average_rate or 0)
+            # the video stream's own duration; containers without one (mkv, webm) give only the longest stream's
+            duration = float(stream.duration * stream.time_base if stream.duration else (container.duration or 0) / av.time_base)
+            if not rate or not duration:
+                raise MediaError(f"{path}: unknown frame rate or duration")
+            counted = stream.frames  # mp4 counts its frames; other containers give only a duration to estimate from
+            n_frames = counted or round(duration * rate)
+            wanted, picked, count = sample_frame_indices(n_frames, rate, fps, max_frames), [], 0
+            for count, frame in enumerate(container.decode(stream), 1):
+                while len(picked) < len(wanted) and wanted[len(picked)] == count - 1:  # linspace may repeat an index
+                    rgb = frame.reformat(format="rgb24")  # then scale: swscale's scaling yuv-to-rgb is 1-2 levels dark
+                    picked.append(rgb.to_ndarray(width=image_size, height=image_size, interpolation="BICUBIC"))
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise _media_error(path, e) from e
+    # the metadata may promise a few frames more than decoding yields (an estimate, edit lists): those repeat
+    # the last frame; missing over a second of counted frames means a truncated file (frame threading hides its error)
+    if count == 0 or count < counted - rate:
+        raise MediaError(f"{path}: only {count} of {n_frames} frames decode (truncated?)")
+    picked += [picked[-1]] * (len(wanted) - len(picked))
+    x = torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, S, S) in [0, 1]
+    return (x - IMAGE_MEAN) / IMAGE_STD, [i / rate for i in wanted], duration
+
+
+def fit_audio(audio, duration):
+    """Audio trimmed or zero-padded to duration seconds, and to at least 1 s as the official code pads: AAC's
+    priming and padding, or a separate audio file, make the decoded length differ from the video's."""
+    n = max(SAMPLE_RATE, round(duration * SAMPLE_RATE))
+    return np.pad(audio[:n], (0, n - len(audio[:n])))
+
+
+def load_audio(path):
+    """16 kHz mono float32 audio (samples,) of a file's first audio stream, None if it has none."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            decoded = container.decode(container.streams.audio[0])
+            chunks = [f.to_ndarray()[0] for frame in decoded for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray()[0] for f in resampler.resample(None)]  # flush what the resampler holds back
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise _media_error(path, e) from e
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def segment_log_mels(audio, n_mels=80, segment_seconds=CHUNK_LENGTH):
+    """Log-mel of each segment_seconds piece of 16 kHz audio, the last zero-padded
+    -> (ceil(len(audio) / segment samples), n_mels, segment samples // HOP_LENGTH); each piece is one Whisper input."""
+    n = round(segment_seconds * SAMPLE_RATE)
+    return torch.stack([log_mel_spectrogram(audio[i:i + n], n_mels, n) for i in range(0, len(audio), n)])
+
+
+def load_video(path, fps=FPS, max_frames=MAX_FRAMES, image_size=IMAGE_SIZE, n_mels=80,
+               segment_seconds=CHUNK_LENGTH, audio_path=None):
+    """Frames and audio log-mels of a video; the audio comes from audio_path when given, else from the video,
+    else is silence. Raises MediaError for a file that cannot be used."""
+    frames, times, duration = load_frames(path, fps, max_frames, image_size)
+    source = str(audio_path or path)
+    audio = load_audio(source)
+    has_audio = audio is not None
+    if not has_audio and source not in _warned_silent:
+        _warned_silent.add(source)
+        log.warning("%s: no audio stream, using silence", source)
+    audio = fit_audio(audio if has_audio else np.zeros(0, np.float32), duration)
+    return Media(frames, times, segment_log_mels(audio, n_mels, segment_seconds), duration, has_audio)
+
+
+# -----------------------------------------------------------------------------
 # Qwen2 chat format
 
 SYSTEM = "You are a helpful assistant."
@@ -61,6 +178,18 @@ def load_tokenizer(path):
     return Tokenizer.from_file(path if path.endswith(".json") else f"{path}/tokenizer.json")
 
 
-def chat_prompt(user, system=SYSTEM):
-    """The Qwen2 chat template up to the assistant's turn: <|im_start|>role\\n...<|im_end|>\\n"""
-    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+def encode_prompt(tok, prompt, system=SYSTEM):
+    """Token ids before and after the audio-visual block of the Qwen2 chat prompt
+        <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n[AV]\\n\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n
+    tokenized piece by piece as the released model was trained (LLaVA-NeXT's preprocess_qwen): the
+    "\\n" after [AV] and the "\\n{prompt}" are separate pieces, not one "\\n\\n" token."""
+    ids = lambda text: tok.encode(text, add_special_tokens=False).ids
+    start, end, nl = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>"), ids("\n")
+    before = [start] + ids("system") + nl + ids(system) + [end] + nl + [start] + ids("user") + nl
+    after = nl + ids("\n" + prompt) + [end] + nl + [start] + ids("assistant") + nl
+    return before, after
+
+
+def encode_response(tok, text):
+    """The assistant's answer and the <|im_end|> that ends it: the labelled part of a sequence."""
+    return tok.encode(text, add_special_tokens=False).ids + [tok.token_to_id("<|im_end|>")]
