@@ -1,13 +1,19 @@
 """
-Data for video-SALMONN 2: the Whisper log-mel front end, PyAV video and audio decoding, and the Qwen2 chat format.
+Data for video-SALMONN 2: the Whisper log-mel front end, PyAV video and audio decoding, the frozen-feature
+cache, and the Qwen2 chat format.
 """
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import av
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from model import CHUNK_LENGTH, HOP_LENGTH, N_FFT, SAMPLE_RATE
@@ -165,6 +171,38 @@ def load_video(path, fps=FPS, max_frames=MAX_FRAMES, image_size=IMAGE_SIZE, n_me
         log.warning("%s: no audio stream, using silence", source)
     audio = fit_audio(audio if has_audio else np.zeros(0, np.float32), duration)
     return Media(frames, times, segment_log_mels(audio, n_mels, segment_seconds), duration, has_audio)
+
+
+# -----------------------------------------------------------------------------
+# frozen-feature cache: a video's tower and Whisper outputs, computed once for every epoch and MrDPO round
+
+
+def cache_key(path, audio_path, fingerprint, prep):
+    """Changes with either file (path, size, mtime), the encoders and every preprocessing constant."""
+    files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in (path, audio_path) if p]
+    return hashlib.sha256(json.dumps([files, fingerprint, sorted(prep.items())]).encode()).hexdigest()[:32]
+
+
+def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None, **prep):
+    """(vision features, audio features, frame times, duration) of a video, on the CPU. encode(frames, mel)
+    runs the frozen encoders; with cache_dir their outputs are kept in a safetensors file per key."""
+    file = None
+    if cache_dir:
+        if not os.path.exists(path):
+            raise MediaError(f"{path}: no such file")
+        file = os.path.join(cache_dir, cache_key(path, audio_path, fingerprint, prep) + ".safetensors")
+        if os.path.exists(file):
+            with safe_open(file, framework="pt") as f:
+                meta = f.metadata()
+                return f.get_tensor("vision"), f.get_tensor("audio"), json.loads(meta["times"]), float(meta["duration"])
+    media = load_video(path, audio_path=audio_path, **prep)
+    vis, aud = (t.cpu().contiguous() for t in encode(media.frames, media.mel))
+    if file:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{file}.{os.getpid()}.tmp"  # written whole, then renamed: a crash never leaves half a file
+        save_file({"vision": vis, "audio": aud}, tmp, metadata={"times": json.dumps(media.times), "duration": str(media.duration)})
+        os.replace(tmp, file)
+    return vis, aud, media.times, media.duration
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ video-SALMONN 2 in plain PyTorch: the three frozen backbones and their checkpoin
   inside the Qwen2 chat prompt.
 Each module's parameter names equal the Hugging Face ones below a prefix, so loading is renaming.
 """
+import hashlib
 import json
 import math
 import os
@@ -509,6 +510,7 @@ class AVConfig:
     qformer: "QFormerConfig"
     pool: int = 2  # max-pool stride over the patch grid, after the projector (27 x 27 -> 13 x 13)
     segment_seconds: float = CHUNK_LENGTH  # audio per Whisper input
+    time_aligned: bool = False  # give each frame only its own seconds of audio (see interleave)
 
     @property
     def tokens_per_frame(self):  # 13 * 13 + 13 newlines = 182 for so400m at 384 px
@@ -521,13 +523,14 @@ class AVConfig:
 
     def to_dict(self):
         return {"llm": vars(self.llm), "vision": vars(self.vision), "whisper": vars(self.whisper),
-                "qformer": vars(self.qformer), "pool": self.pool, "segment_seconds": self.segment_seconds}
+                "qformer": vars(self.qformer), "pool": self.pool, "segment_seconds": self.segment_seconds,
+                "time_aligned": self.time_aligned}
 
     @staticmethod
     def from_dict(d):
         from qformer import QFormerConfig
         return AVConfig(Qwen2Config(**d["llm"]), SiglipVisionConfig(**d["vision"]), WhisperConfig(**d["whisper"]),
-                        QFormerConfig(**d["qformer"]), d.get("pool", 2), d.get("segment_seconds", CHUNK_LENGTH))
+                        QFormerConfig(**d["qformer"]), d["pool"], d["segment_seconds"], d["time_aligned"])
 
 
 class VideoSALMONN2(nn.Module):
@@ -545,6 +548,14 @@ class VideoSALMONN2(nn.Module):
         self.freeze_encoders()
 
     @torch.no_grad()
+    def encoder_fingerprint(self):
+        """A digest of the frozen encoders' configs and weights, for the feature-cache key."""
+        h = hashlib.sha256(json.dumps([vars(self.cfg.vision), vars(self.cfg.whisper)], sort_keys=True).encode())
+        params = list(self.tower.parameters()) + list(self.speech_encoder.parameters())
+        h.update(torch.stack([s for p in params for s in (p.float().sum(), p.float().square().sum())]).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
     def encode(self, frames, mel):
         """The frozen, cacheable part: tower features (F, N, Cv) and Whisper features (S, T, Ca)."""
         return self.tower(frames), self.speech_encoder(mel)
@@ -560,7 +571,7 @@ class VideoSALMONN2(nn.Module):
         x = torch.cat([x, self.image_newline.to(x.dtype).expand(Fn, h, 1, D)], dim=2)  # (F, h, h+1, D)
         return x.reshape(Fn, h * (h + 1), D)
 
-    def interleave(self, vis, aud, frame_times, duration, time_aligned=False):
+    def interleave(self, vis, aud, frame_times, duration):
         """Frame i's visual tokens, then its slice of audio tokens (paper Eq. 4-6) -> (L, D).
 
         Default, as the paper and the released model: all audio tokens, the padding of the last
@@ -569,7 +580,7 @@ class VideoSALMONN2(nn.Module):
         time_aligned: frame i gets only the tokens whose time falls in [t_i, t_{i+1}), and the tokens
         past the end of the audio (segment padding) are dropped."""
         n, D = vis.size(0), vis.size(-1)
-        if time_aligned:
+        if self.cfg.time_aligned:
             rate = self.cfg.audio_tokens_per_second
             n_keep = min(aud.size(0), math.ceil(duration * rate))
             edges = [0] + [min(round(t * rate), n_keep) for t in frame_times[1:]] + [n_keep]
@@ -582,11 +593,10 @@ class VideoSALMONN2(nn.Module):
         front = front.reshape(n, -1, D)  # (n, k, D)
         return torch.cat([torch.cat([vis, front], dim=1).reshape(-1, D), back])
 
-    def av_tokens(self, vis_feats, aud_feats, frame_times, duration, time_aligned=False):
+    def av_tokens(self, vis_feats, aud_feats, frame_times, duration):
         """Cached encoder features of one video -> its audio-visual block (L, D)."""
         vis = self.visual_tokens(vis_feats)
-        aud = self.audio(aud_feats) if aud_feats is not None else vis.new_zeros(0, vis.size(-1))
-        return self.interleave(vis, aud.to(vis.dtype), frame_times, duration, time_aligned)
+        return self.interleave(vis, self.audio(aud_feats).to(vis.dtype), frame_times, duration)
 
     def prompt_embeds(self, before_ids, av, after_ids):
         """Token ids before and after the <image> placeholder around the AV block -> (1, P, D)."""
@@ -594,6 +604,13 @@ class VideoSALMONN2(nn.Module):
         dev = emb.weight.device
         pieces = [emb(torch.tensor(before_ids, device=dev)), av.to(emb.weight.dtype), emb(torch.tensor(after_ids, device=dev))]
         return torch.cat(pieces)[None]
+
+    @torch.no_grad()
+    def sample(self, feats, prompt_ids, n=1, **generate_kw):
+        """n captions of one video from its cached features (vision, audio, frame times, duration) and
+        the prompt's (before, after) token ids; generate_kw as Qwen2.generate."""
+        embeds = self.prompt_embeds(prompt_ids[0], self.av_tokens(*feats), prompt_ids[1])
+        return self.llm.generate(embeds, n=n, **generate_kw)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
