@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from qformer import AudioAligner, QFormerConfig
+
 # -----------------------------------------------------------------------------
 # Qwen2
 
@@ -507,7 +509,7 @@ class AVConfig:
     llm: Qwen2Config
     vision: SiglipVisionConfig
     whisper: WhisperConfig
-    qformer: "QFormerConfig"
+    qformer: QFormerConfig
     pool: int = 2  # max-pool stride over the patch grid, after the projector (27 x 27 -> 13 x 13)
     segment_seconds: float = CHUNK_LENGTH  # audio per Whisper input
     time_aligned: bool = False  # give each frame only its own seconds of audio (see interleave)
@@ -528,14 +530,12 @@ class AVConfig:
 
     @staticmethod
     def from_dict(d):
-        from qformer import QFormerConfig
         return AVConfig(Qwen2Config(**d["llm"]), SiglipVisionConfig(**d["vision"]), WhisperConfig(**d["whisper"]),
                         QFormerConfig(**d["qformer"]), d["pool"], d["segment_seconds"], d["time_aligned"])
 
 
 class VideoSALMONN2(nn.Module):
     def __init__(self, cfg: AVConfig):
-        from qformer import AudioAligner
         super().__init__()
         self.cfg = cfg
         D = cfg.llm.hidden_size
@@ -633,7 +633,6 @@ class VideoSALMONN2(nn.Module):
     def from_base(cls, llava_path, whisper_path, qformer_cfg=None, dtype=None, device="cpu"):
         """The starting point of audio alignment: LLaVA-OneVision (either layout) and a Whisper
         checkpoint, with a fresh audio aligner."""
-        from qformer import AudioAligner, QFormerConfig
         llm = Qwen2.from_pretrained(llava_path, dtype, device)
         tower = SiglipVision.from_pretrained(llava_path, dtype, device)
         whisper = WhisperEncoder.from_pretrained(whisper_path, dtype, device)
@@ -688,7 +687,7 @@ def av_config_from_hf(raw):
     """Ours carry the full AVConfig; the released checkpoint only its LLM config, the rest are constants."""
     if "video_salmonn_2" in raw:
         return AVConfig.from_dict(raw["video_salmonn_2"])
-    from qformer import QFormerConfig
-    llm = make_config(Qwen2Config, raw)
-    return AVConfig(llm, make_config(SiglipVisionConfig, SIGLIP_SO400M, keep_layers=26),
-                    make_config(WhisperConfig, WHISPER_LARGE_V3), QFormerConfig(llm_dim=llm.hidden_size))
+    llm, whisper = make_config(Qwen2Config, raw), make_config(WhisperConfig, WHISPER_LARGE_V3)
+    vision = make_config(SiglipVisionConfig, SIGLIP_SO400M)
+    vision.keep_layers = vision.num_hidden_layers - 1  # LLaVA-OneVision drops the last layer
+    return AVConfig(llm, vision, whisper, QFormerConfig(encoder_width=whisper.d_model, llm_dim=llm.hidden_size))

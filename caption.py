@@ -1,0 +1,60 @@
+"""
+Caption a video with video-SALMONN 2.
+
+$ python caption.py --ckpt=DIR --video=FILE [--prompt="..."] [--greedy] [--audio=FILE.wav]
+
+DIR is a checkpoint in the released layout (config.json, model.safetensors, tokenizer.json), e.g. the
+released tsinghua-ee/video-SALMONN-2 or one written by our training scripts. A video that cannot be
+read prints one line naming it and exits with status 2.
+"""
+import sys
+
+import torch
+
+from config import configure
+from data import MediaError, encode_prompt, load_tokenizer, load_video
+from model import VideoSALMONN2, av_config_from_hf, read_config
+
+# -----------------------------------------------------------------------------
+ckpt = ""  # checkpoint directory
+video = ""  # the video file
+audio = ""  # a separate audio file (16 kHz or any rate PyAV reads); empty: the video's own audio
+prompt = ("Give a detailed account of everything in the video, capturing all the specifics. While doing so, "
+          "also include as much information from the audio as possible, ensuring that the descriptions of "
+          "audio and video are well-synchronized.")  # the released demo prompt
+greedy = False  # argmax decoding, as the released evaluation; else nucleus sampling
+temperature = 1.0  # sampling temperature
+top_p = 0.9  # nucleus mass, as the released MrDPO sampling
+max_new_tokens = 1024  # caption length limit, as released
+fps = 1.0  # frames per second sampled
+max_frames = 110  # a longer video gives this many frames spread over its length
+seed = 2024  # sampling seed
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    configure(globals(), argv)
+    if not ckpt or not video:
+        raise SystemExit("usage: python caption.py --ckpt=DIR --video=FILE [--prompt=...] [--greedy]")
+    cfg = av_config_from_hf(read_config(ckpt))
+    try:  # before loading the model, so a bad file fails in a second, not after loading 16 GB
+        media = load_video(video, fps, max_frames, cfg.vision.image_size, cfg.whisper.num_mel_bins,
+                           cfg.segment_seconds, audio or None)
+    except MediaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = VideoSALMONN2.from_pretrained(ckpt, getattr(torch, dtype), device).eval()
+    tok = load_tokenizer(ckpt)
+    frames, mel = (t.to(device, getattr(torch, dtype)) for t in (media.frames, media.mel))
+    feats = (*model.encode(frames, mel), media.times, media.duration)
+    g = torch.Generator(device).manual_seed(seed)
+    ids = model.sample(feats, encode_prompt(tok, prompt), max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, greedy=greedy, stop_ids=(tok.token_to_id("<|im_end|>"),), generator=g)[0]
+    print(tok.decode(ids, skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

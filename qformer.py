@@ -1,0 +1,148 @@
+"""
+The window-level Q-Former audio aligner of video-SALMONN 2, as the released 7B model has it.
+
+Each 30 s segment's Whisper features (1500 frames, 50 per second) are cut into 60 windows of 0.5 s;
+one learned query per window cross-attends to its 25 frames through a 2-layer BERT Q-Former (LAVIS,
+query path only), and is projected to the LLM width: 60 audio tokens per segment. A fixed
+sinusoidal embedding of the segment index is added to every token of the segment (paper Eq. 1-3).
+Parameter names equal the released checkpoint's keys (speech_Qformer.bert..., speech_query_tokens,
+ln_speech, speech_llama_proj, final_linear), so loading is renaming by prefix.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+
+@dataclass
+class QFormerConfig:
+    encoder_width: int = 1280  # Whisper large-v3 d_model
+    hidden: int = 768  # the BERT sizes are bert-base-uncased's (its weights are not used)
+    heads: int = 12
+    intermediate: int = 3072
+    layers: int = 2
+    num_query: int = 1  # queries per window
+    window: int = 25  # encoder frames per window (0.5 s); the stride equals it, so windows do not overlap
+    frames_per_segment: int = 1500  # Whisper frames per 30 s segment
+    llm_dim: int = 3584  # Qwen2-7B hidden size
+    dropout: float = 0.1  # BERT's hidden and attention-probability dropout
+    final_linear: bool = True  # the released model adds Linear-GELU-Linear after speech_llama_proj
+    ln_eps: float = 1e-12  # BERT's LayerNorm eps (ln_speech keeps PyTorch's 1e-5)
+
+    @property
+    def tokens_per_segment(self):  # 1500 // 25 * 1 = 60
+        return self.frames_per_segment // self.window * self.num_query
+
+
+def segment_positions(n, dim):
+    """The released segment embedding (n, dim): row 0 is zeros, row j >= 1 is the sin/cos of
+    position j - 1, interleaved (even channels sin, odd cos). The release tabulates 201 rows
+    (max_len 200 plus the zero row); later rows follow the same formula."""
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * -(math.log(10000.0) / dim))  # (dim/2,)
+    angle = torch.arange(n - 1, dtype=torch.float)[:, None] * div[None, :]  # (n-1, dim/2)
+    pe = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)  # (n-1, dim): sin, cos, sin, ...
+    return torch.cat([torch.zeros(1, dim), pe])  # (n, dim)
+
+
+class QFormerAttention(nn.Module):
+    """BERT attention with its post-LN output: LayerNorm(x + dense(attend(x, ctx))).
+    Self-attention when ctx is x; cross-attention reads ctx of width ctx_dim."""
+
+    def __init__(self, cfg: QFormerConfig, ctx_dim):
+        super().__init__()
+        self.n_head, self.p = cfg.heads, cfg.dropout
+        self.self = nn.ModuleDict(dict(query=nn.Linear(cfg.hidden, cfg.hidden), key=nn.Linear(ctx_dim, cfg.hidden),
+                                       value=nn.Linear(ctx_dim, cfg.hidden)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden, cfg.hidden),
+                                         LayerNorm=nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)))
+
+    def forward(self, x, ctx):
+        B, T, C = x.shape
+        S, hd = ctx.size(1), C // self.n_head
+        q = self.self.query(x).view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.self.key(ctx).view(B, S, self.n_head, hd).transpose(1, 2)  # (B, nh, S, hd)
+        v = self.self.value(ctx).view(B, S, self.n_head, hd).transpose(1, 2)  # (B, nh, S, hd)
+        # bidirectional: the release calls the BERT body without a decoder mask, and every frame is real
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        out = self.output
+        return out.LayerNorm(x + F.dropout(out.dense(y), self.p, self.training))
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention over the queries, cross-attention to the window, the query FFN (post-LN).
+    The text FFN (intermediate, output) is never run on queries and is not in the release."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.p = cfg.dropout
+        self.attention = QFormerAttention(cfg, cfg.hidden)
+        self.crossattention = QFormerAttention(cfg, cfg.encoder_width)
+        self.intermediate_query = nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden, cfg.intermediate)))
+        self.output_query = nn.ModuleDict(dict(dense=nn.Linear(cfg.intermediate, cfg.hidden),
+                                               LayerNorm=nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)))
+
+    def forward(self, x, frames):
+        x = self.crossattention(self.attention(x, x), frames)
+        h = F.gelu(self.intermediate_query.dense(x))  # BERT's "gelu" is the exact erf form
+        out = self.output_query
+        return out.LayerNorm(x + F.dropout(out.dense(h), self.p, self.training))
+
+
+class QFormer(nn.Module):
+    """The BERT body: queries (N, Q, hidden) and their windows (N, T, encoder_width) -> (N, Q, hidden).
+    The release deleted the word and position embeddings: the embedding layer is a LayerNorm."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.p = cfg.dropout
+        self.embeddings = nn.ModuleDict(dict(LayerNorm=nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)))
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(QFormerLayer(cfg) for _ in range(cfg.layers))))
+
+    def forward(self, query, frames):
+        x = F.dropout(self.embeddings.LayerNorm(query), self.p, self.training)
+        for layer in self.encoder.layer:
+            x = layer(x, frames)
+        return x
+
+
+class AudioAligner(nn.Module):
+    """Whisper features of one video's 30 s segments (S, frames_per_segment, encoder_width)
+    -> audio tokens (S * tokens_per_segment, llm_dim), segment by segment in order."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.ln_speech = nn.LayerNorm(cfg.encoder_width)
+        self.speech_Qformer = nn.ModuleDict(dict(bert=QFormer(cfg)))
+        self.speech_query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query, cfg.hidden).normal_(std=0.02))
+        D = cfg.llm_dim
+        self.speech_llama_proj = nn.Linear(cfg.hidden, D)
+        self.final_linear = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D)) if cfg.final_linear else nn.Identity()
+        # LAVIS initialises the BERT body as BERT does; the release leaves the projections at PyTorch's default
+        for m in self.speech_Qformer.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def query_states(self, encoder_out):
+        """(S, T, encoder_width) -> the Q-Former output (S * T // window, num_query, hidden), before projection."""
+        S, T, C = encoder_out.shape
+        assert C == self.cfg.encoder_width, f"expected width {self.cfg.encoder_width}, got {C}"
+        w = self.cfg.window
+        n = T // w  # the release's F.unfold drops a trailing partial window
+        x = self.ln_speech(encoder_out[:, :n * w])
+        x = x.reshape(S * n, w, C)  # (S*n, w, C): with stride == kernel the release's unfold is this view
+        query = self.speech_query_tokens.expand(S * n, -1, -1)  # (S*n, Q, hidden): the same queries in every window
+        return self.speech_Qformer.bert(query, x)
+
+    def forward(self, encoder_out):
+        S = encoder_out.size(0)
+        x = self.final_linear(self.speech_llama_proj(self.query_states(encoder_out)))  # (S*n, Q, D)
+        x = x.reshape(S, -1, x.size(-1))  # (S, n*Q, D)
+        # not learned, added after the projection: it tells the LLM which 30 s segment a token is in
+        x = x + segment_positions(S, x.size(-1)).to(x.device, x.dtype)[:, None, :]
+        return x.reshape(-1, x.size(-1))  # (S*n*Q, D)
