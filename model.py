@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 
 from qformer import AudioAligner, QFormerConfig
@@ -135,6 +136,7 @@ class Qwen2(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # a tied head reads embed_tokens.weight, so there is nothing to load or tie for it
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # trade a second forward of each block for its activations
         _init_normal(self)
 
     @classmethod
@@ -155,7 +157,10 @@ class Qwen2(nn.Module):
         mask = torch.ones(T, P + T, dtype=torch.bool, device=embeds.device).tril(P) if P and T > 1 else None
         x, new_cache = embeds, []
         for i, block in enumerate(self.layers):
-            x, kv = block(x, cos, sin, cache[i] if cache else None, mask)
+            if self.activation_checkpointing and self.training and not use_cache:  # recompute in backward
+                x, kv = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache[i] if cache else None, mask, use_reentrant=False)
+            else:
+                x, kv = block(x, cos, sin, cache[i] if cache else None, mask)
             if use_cache:
                 new_cache.append(kv)
         return self.norm(x), (new_cache if use_cache else None)
@@ -594,9 +599,31 @@ class VideoSALMONN2(nn.Module):
         return torch.cat([torch.cat([vis, front], dim=1).reshape(-1, D), back])
 
     def av_tokens(self, vis_feats, aud_feats, frame_times, duration):
-        """Cached encoder features of one video -> its audio-visual block (L, D)."""
+        """Cached encoder features of one item -> its audio-visual block (L, D). Audio-only items
+        (alignment) have no frames, visual-only ones (the visual base) no audio."""
+        if vis_feats is None:
+            return self.audio(aud_feats)
         vis = self.visual_tokens(vis_feats)
+        if aud_feats is None:
+            return vis.reshape(-1, vis.size(-1))
         return self.interleave(vis, self.audio(aud_feats).to(vis.dtype), frame_times, duration)
+
+    def embed_sequence(self, feats, prompt_ids, response_ids):
+        """One training sequence: (embeds (1, P + R, D), P) for the prompt around the AV block, then the response."""
+        prefix = self.prompt_embeds(prompt_ids[0], self.av_tokens(*feats), prompt_ids[1])
+        response = self.llm.embed_tokens(torch.tensor(response_ids, device=prefix.device))[None]
+        return torch.cat([prefix, response.to(prefix.dtype)], dim=1), prefix.size(1)
+
+    def response_nll(self, seqs):
+        """Summed negative log-likelihood of the responses, and their token count, for a list of
+        (embeds (1, L, D), prefix length P, response ids) right-padded into one forward. The LM head
+        runs on the response positions only, never over the thousands of video tokens."""
+        L = max(e.size(1) for e, _, _ in seqs)
+        x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _ in seqs])  # (B, L, D): causal, so right padding is inert
+        h, _ = self.llm.hidden(x)
+        rows = torch.cat([h[i, P - 1:P - 1 + len(r)] for i, (_, P, r) in enumerate(seqs)])  # (sum R, D)
+        targets = torch.tensor([t for _, _, r in seqs for t in r], device=x.device)
+        return F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum"), targets.numel()
 
     def prompt_embeds(self, before_ids, av, after_ids):
         """Token ids before and after the <image> placeholder around the AV block -> (1, P, D)."""

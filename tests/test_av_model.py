@@ -205,3 +205,28 @@ def test_caption_cli_bad_video_exits_2_naming_it(tiny_checkpoint, tmp_path, cont
     out = run_caption(f"--ckpt={tiny_checkpoint}", f"--video={video}")
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "bad.mp4" in out.stderr
+
+
+def test_response_nll_equals_full_forward_cross_entropy():
+    """Batched, right-padded, head on response rows only == per-sequence full-logits cross-entropy."""
+    m = tiny_model()
+    torch.manual_seed(2)
+    items = [((torch.randn(2, 16, 32), torch.randn(1, 100, 32), [0.0, 1.0], 2.0), [1, 2, 3, 4, 5, 6]),
+             ((None, torch.randn(2, 100, 32), [], 3.1), [9, 8, 7]),  # audio only
+             ((torch.randn(3, 16, 32), None, [0.0, 1.0, 2.0], 3.0), [11, 12, 13, 14, 15, 16, 17, 18])]  # visual only
+    seqs = [(*m.embed_sequence(f, ([1, 2], [3]), r), r) for f, r in items]
+    nll, n = m.response_nll(seqs)
+    ref = 0.0
+    for e, P, r in seqs:
+        logits = m.llm(embeds=e)[0][0]
+        ref = ref + F.cross_entropy(logits[P - 1:-1], torch.tensor(r), reduction="sum")
+    assert n == 17 and torch.allclose(nll, ref, atol=1e-4)
+    m.llm.activation_checkpointing = True
+    m.train()
+    m.audio.eval()  # no dropout: compare gradients exactly
+    nll.backward()
+    g = [p.grad.clone() for p in m.projector.parameters()]
+    m.zero_grad()
+    seqs = [(*m.embed_sequence(f, ([1, 2], [3]), r), r) for f, r in items]  # rebuilt with checkpointing on
+    m.response_nll(seqs)[0].backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(g, m.projector.parameters()))
