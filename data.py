@@ -77,7 +77,7 @@ class MediaError(Exception):
 
 @dataclass
 class Media:
-    frames: torch.Tensor  # (F, 3, S, S) float32 in [-1, 1]
+    frames: torch.Tensor  # (F, 3, S, S) float32 in [-1, 1]; None for an audio-only item
     times: list  # seconds at which each frame was taken
     mel: torch.Tensor  # (n_segments, n_mels, segment_seconds * 100) log-mel of 16 kHz mono audio
     duration: float  # seconds of video
@@ -161,7 +161,14 @@ def segment_log_mels(audio, n_mels=80, segment_seconds=CHUNK_LENGTH):
 def load_video(path, fps=FPS, max_frames=MAX_FRAMES, image_size=IMAGE_SIZE, n_mels=80,
                segment_seconds=CHUNK_LENGTH, audio_path=None):
     """Frames and audio log-mels of a video; the audio comes from audio_path when given, else from the video,
-    else is silence. Raises MediaError for a file that cannot be used."""
+    else is silence. With no video (path None: an audio-only item) frames is None and the duration is the
+    audio's. Raises MediaError for a file that cannot be used."""
+    if path is None:
+        audio = load_audio(str(audio_path))
+        if audio is None:
+            raise MediaError(f"{audio_path}: no audio stream")
+        audio = fit_audio(audio, len(audio) / SAMPLE_RATE)
+        return Media(None, [], segment_log_mels(audio, n_mels, segment_seconds), len(audio) / SAMPLE_RATE, True)
     frames, times, duration = load_frames(path, fps, max_frames, image_size)
     source = str(audio_path or path)
     audio = load_audio(source)
@@ -188,21 +195,57 @@ def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None
     runs the frozen encoders; with cache_dir their outputs are kept in a safetensors file per key."""
     file = None
     if cache_dir:
-        if not os.path.exists(path):
-            raise MediaError(f"{path}: no such file")
+        for p in (path, audio_path):
+            if p and not os.path.exists(p):
+                raise MediaError(f"{p}: no such file")
         file = os.path.join(cache_dir, cache_key(path, audio_path, fingerprint, prep) + ".safetensors")
         if os.path.exists(file):
             with safe_open(file, framework="pt") as f:
-                meta = f.metadata()
-                return f.get_tensor("vision"), f.get_tensor("audio"), json.loads(meta["times"]), float(meta["duration"])
+                meta, names = f.metadata(), set(f.keys())
+                vis = f.get_tensor("vision") if "vision" in names else None  # audio-only items have none
+                return vis, f.get_tensor("audio"), json.loads(meta["times"]), float(meta["duration"])
     media = load_video(path, audio_path=audio_path, **prep)
-    vis, aud = (t.cpu().contiguous() for t in encode(media.frames, media.mel))
+    vis, aud = (t if t is None else t.cpu().contiguous() for t in encode(media.frames, media.mel))
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{file}.{os.getpid()}.tmp"  # written whole, then renamed: a crash never leaves half a file
-        save_file({"vision": vis, "audio": aud}, tmp, metadata={"times": json.dumps(media.times), "duration": str(media.duration)})
+        tensors = {"audio": aud} if vis is None else {"vision": vis, "audio": aud}
+        save_file(tensors, tmp, metadata={"times": json.dumps(media.times), "duration": str(media.duration)})
         os.replace(tmp, file)
     return vis, aud, media.times, media.duration
+
+
+# -----------------------------------------------------------------------------
+# manifests: JSONL, one item a line, media paths relative to the manifest
+#   {"video": "clips/a.mp4", "prompt": "...", "response": "...", "events": [...], "task": "caption"}
+#   {"audio": "audio/b.wav", "prompt": "Please transcribe the speech.", "response": "...", "task": "asr"}
+# and the released test set's {"video", "conversations": [{"from": "human", "value": "<image>\nPROMPT"}, ...]}
+
+
+def read_manifest(path):
+    """The items of a manifest; a malformed line is reported with its file and line number, and skipped."""
+    items, root = [], os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if "conversations" in item:
+                    turns = item.pop("conversations")
+                    item["prompt"] = turns[0]["value"].replace("<image>", "").strip()
+                    item["response"] = next((t["value"] for t in turns[1:] if t["from"] == "gpt"), "")
+                if not (item.get("video") or item.get("audio")) or not isinstance(item.get("prompt"), str):
+                    raise ValueError("an item needs a prompt and a video or an audio file")
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+                log.warning("%s:%d: skipped: %s", path, n, e)
+                continue
+            item["line"] = f"{path}:{n}"
+            for key in ("video", "audio"):
+                if item.get(key):
+                    item[key] = os.path.join(root, item[key])
+            items.append(item)
+    return items
 
 
 # -----------------------------------------------------------------------------

@@ -562,8 +562,10 @@ class VideoSALMONN2(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames, mel):
-        """The frozen, cacheable part: tower features (F, N, Cv) and Whisper features (S, T, Ca)."""
-        return self.tower(frames), self.speech_encoder(mel)
+        """The frozen, cacheable part: tower features (F, N, Cv) (None without frames) and Whisper features (S, T, Ca)."""
+        p = next(self.tower.parameters())
+        vis = None if frames is None else self.tower(frames.to(p.device, p.dtype))
+        return vis, self.speech_encoder(mel.to(p.device, p.dtype))
 
     def visual_tokens(self, feats):
         """Tower features (F, g*g, Cv) -> (F, h*(h+1), D): projector, max-pool, a newline after each row."""

@@ -45,3 +45,33 @@ def test_no_cache_dir_always_encodes_and_bad_files_fail_clearly(tmp_path):
     assert enc.calls == 2
     with pytest.raises(MediaError, match="missing.mp4"):
         media_features(tmp_path / "missing.mp4", enc, "x", str(tmp_path / "cache"), **PREP)
+
+
+def test_audio_only_items_are_cached_too(tmp_path):
+    from test_media import write_wav
+    wav = write_wav(tmp_path / "a.wav", 2.5, 440.0)
+    enc, cache = CountingEncoder(), str(tmp_path / "cache")
+    enc_audio = lambda frames, mel: (None, enc(torch.zeros(1, 3, 2, 2), mel)[1])
+    vis, aud, times, duration = media_features(None, enc_audio, "e", cache, audio_path=wav, **PREP)
+    again = media_features(None, enc_audio, "e", cache, audio_path=wav, **PREP)
+    assert vis is None and again[0] is None and torch.equal(aud, again[1]) and enc.calls == 1
+    assert aud.shape[0] == 2 and duration == pytest.approx(2.5) and times == []  # 2 s segments
+
+
+def test_manifest_lines_resolve_and_malformed_ones_are_skipped_by_name(tmp_path, caplog):
+    from data import read_manifest
+    (tmp_path / "m.jsonl").write_text("\n".join([
+        '{"video": "clips/a.mp4", "prompt": "Describe.", "response": "A red circle."}',
+        '{"video": "clips/b.mp4", "prompt": ',  # truncated JSON
+        '{"prompt": "no media"}',
+        '["not", "an", "object"]',
+        '',
+        '{"video": "c.mp4", "conversations": [{"from": "human", "value": "<image>\\nDescribe."}, {"from": "gpt", "value": "Hi."}], "events": ["x"]}',
+        '{"audio": "audio/d.wav", "prompt": "Please transcribe the speech.", "response": "bako"}']))
+    items = read_manifest(tmp_path / "m.jsonl")
+    assert [os.path.basename(i.get("video") or i["audio"]) for i in items] == ["a.mp4", "c.mp4", "d.wav"]
+    assert items[0]["video"] == str(tmp_path / "clips" / "a.mp4")
+    assert items[1]["prompt"] == "Describe." and items[1]["response"] == "Hi." and items[1]["events"] == ["x"]
+    skipped = [r.getMessage() for r in caplog.records]
+    assert len(skipped) == 3 and all("m.jsonl:" in s for s in skipped)
+    assert any("m.jsonl:2:" in s for s in skipped)
