@@ -15,7 +15,8 @@ import types
 def configure(g, argv):
     """Apply config files and --key=value from argv to the dict g (a script's globals); returns the
     resolved {key: value} of the overridable constants, to be saved with every checkpoint."""
-    keys = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple, list, type(None)))]
+    keys = [k for k, v in g.items() if not k.startswith("_") and not k.isupper()  # UPPER_CASE: fixed facts, not knobs
+            and isinstance(v, (int, float, str, bool, tuple, list, dict, type(None)))]
     for arg in argv:
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")

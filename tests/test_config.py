@@ -4,7 +4,8 @@ from config import configure
 
 
 def defaults():
-    return {"lr": 1e-4, "steps": 10, "name": "toy", "greedy": False, "targets": ("q_proj",), "device": None}
+    return {"lr": 1e-4, "steps": 10, "name": "toy", "greedy": False, "targets": ("q_proj",), "device": None,
+            "PEAK": {"H100": 1.0}}
 
 
 def test_files_then_flags_override_in_order(tmp_path):
@@ -13,6 +14,8 @@ def test_files_then_flags_override_in_order(tmp_path):
     g = defaults()
     resolved = configure(g, [str(f), "--steps=30", "--name=real run", "--greedy", "--lr=1", "--device=cuda"])
     assert resolved == {"lr": 1.0, "steps": 30, "name": "real run", "greedy": True, "targets": ("q_proj",), "device": "cuda"}
+    with pytest.raises(SystemExit, match="unknown config key 'PEAK'"):  # module facts are not overridable
+        configure(defaults(), ["--PEAK={}"])
     assert isinstance(g["lr"], float)
 
 

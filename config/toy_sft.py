@@ -1,0 +1,18 @@
+# Toy audio-visual SFT: LoRA on q, k, v plus the audio aligner, on captions and QA.
+init_from = "out/toy/align/final"
+train_data = "data/toyav/train.jsonl"
+val_data = "data/toyav/val.jsonl"
+tasks = ("caption", "qa")
+lora_r = 16
+lora_alpha = 32  # scale 2.0, as released
+lora_dropout = 0.05
+trainable = ("lora_", "audio.")
+batch_size = 8
+steps = 300
+lr = 1e-3
+warmup_ratio = 0.05
+out_dir = "out/toy/sft"
+cache_dir = "out/toy/cache"
+log_every = 25
+eval_every = 0
+ckpt_every = 100

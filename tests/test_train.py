@@ -1,0 +1,133 @@
+"""The training loop: FSDP2 over two processes equals one process, resume equals an uninterrupted
+run, every stage runs, and a bad clip is skipped and counted."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tokenizer
+from test_media import write_video, write_wav
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = dict(
+    llm=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+    whisper=dict(num_mel_bins=80, d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                 max_source_positions=100),
+    qformer=dict(encoder_width=16, hidden=16, heads=2, intermediate=32, window=10, frames_per_segment=100, llm_dim=32),
+    pool=2, segment_seconds=2.0, time_aligned=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Four short clips, two audio files, manifests and a tokenizer."""
+    d = tmp_path_factory.mktemp("world")
+    (d / "clips").mkdir()
+    lines = []
+    for i, (sec, tone) in enumerate([(3, 440.0), (2, 880.0), (4, None), (3, 300.0)]):
+        write_video(d / "clips" / f"{i}.mp4", sec, fps=4, size=(32, 32), tone=tone)
+        lines.append({"video": f"clips/{i}.mp4", "task": "caption", "prompt": "Describe the video in detail.",
+                      "response": ["A red circle appears.", "A tone plays.", "The man says hello.", "A tone plays."][i]})
+    (d / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    write_wav(d / "a.wav", 1.5, 440.0)
+    write_wav(d / "b.wav", 2.5, 880.0)
+    (d / "align.jsonl").write_text("\n".join(json.dumps({"audio": f, "task": "asr", "prompt": "Please transcribe the speech.",
+                                                         "response": r}) for f, r in [("a.wav", "hello"), ("b.wav", "a tone")]))
+    make_tokenizer(d / "tokenizer.json")
+    return d
+
+
+def write_config(path, world, out, **kw):
+    c = dict(init_from="scratch", tokenizer=str(world / "tokenizer.json"), arch=ARCH, lora_r=0,
+             trainable=("llm.", "projector.", "image_newline", "audio."), train_data=str(world / "train.jsonl"),
+             val_data="", batch_size=2, steps=4, lr=1e-3, warmup_ratio=0.25, out_dir=str(out),
+             cache_dir=str(world / "cache"), log_every=1, eval_every=0, ckpt_every=0, seed=7, device="cpu", dtype="float32")
+    c.update(kw)
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in c.items()))
+    return str(path)
+
+
+def run(args, nproc=1, timeout=240):
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={port}", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def final_weights(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def assert_same(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol), (k, (a[k].float() - b[k].float()).abs().max())
+
+
+def test_two_process_fsdp_equals_one_process(world, tmp_path):
+    arch = {**ARCH, "qformer": {**ARCH["qformer"], "dropout": 0.0}}  # each rank draws its own dropout masks
+    one = write_config(tmp_path / "one.py", world, tmp_path / "one", batch_size=4, arch=arch)
+    two = write_config(tmp_path / "two.py", world, tmp_path / "two", batch_size=2, arch=arch)
+    run(["train_sft.py", one])
+    run(["train_sft.py", two], nproc=2)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert_same(a, b, atol=1e-5)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], final_weights_at_init(world, tmp_path, arch))
+
+
+def final_weights_at_init(world, tmp_path, arch):
+    cfg = write_config(tmp_path / "zero.py", world, tmp_path / "zero", steps=0, arch=arch)
+    run(["train_sft.py", cfg])
+    return final_weights(tmp_path / "zero")["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_resume_equals_uninterrupted(world, tmp_path):
+    """Stopped after the checkpoint at step 3 of 6 and resumed: the same weights as 6 steps in one go,
+    with LoRA and the aligner's dropout in play (RNG state and data position are restored)."""
+    kw = dict(steps=6, ckpt_every=3, lora_r=4, lora_alpha=8, trainable=("lora_", "audio."))
+    full = write_config(tmp_path / "full.py", world, tmp_path / "full", **kw)
+    run(["train_sft.py", full])
+    part = write_config(tmp_path / "part.py", world, tmp_path / "part", **kw)
+    run(["train_sft.py", part, "--stop_at=3"])  # the same run, interrupted after its step-3 checkpoint
+    meta = json.loads((tmp_path / "part" / "ckpt" / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["cursor"] == 6
+    run(["train_sft.py", part, "--resume"])
+    assert_same(final_weights(tmp_path / "full"), final_weights(tmp_path / "part"), atol=1e-6)
+
+
+def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
+    base = write_config(tmp_path / "base.py", world, tmp_path / "base", steps=2, use_audio=False)
+    run(["train_sft.py", base])
+    manifest = tmp_path / "with_bad.jsonl"
+    (tmp_path / "bad.mp4").write_bytes(b"\x00not a video" * 50)
+    lines = (world / "train.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines] + [{"video": str(tmp_path / "bad.mp4"), "prompt": "Describe.", "response": "x"}]
+    for r in rows[:-1]:
+        r["video"] = str(world / r["video"])
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    sft = write_config(tmp_path / "sft.py", world, tmp_path / "sft", init_from=str(tmp_path / "base" / "final"),
+                       tokenizer="", train_data=str(manifest), steps=2, lora_r=4, lora_alpha=8, trainable=("lora_", "audio."))
+    out = run(["train_sft.py", sft])
+    assert "4 items (1 skipped)" in out.stdout and "bad.mp4" in out.stdout
+    align = write_config(tmp_path / "align.py", world, tmp_path / "align", init_from=str(tmp_path / "sft" / "final"),
+                         tokenizer="", train_data=str(world / "align.jsonl"), tasks=("asr",), trainable=("audio.",), steps=2)
+    run(["train_align.py", align])
+    before, after = final_weights(tmp_path / "sft"), final_weights(tmp_path / "align")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("speech_Qformer.", "speech_query_tokens", "ln_speech.", "speech_llama_proj.",
+                                         "final_linear.")) for k in changed)  # only the aligner trained
+    log = [json.loads(x) for x in (tmp_path / "align" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all({"loss", "lr", "tok/s"} <= r.keys() for r in log)

@@ -1,0 +1,26 @@
+"""
+Audio modality alignment (paper 3.2): a parallel audio branch is added to the visual LLM and only the
+audio aligner (window-level Q-Former, its query, the projections) trains, with cross-entropy on speech
+recognition and audio captioning, so the visual LLM is untouched. The loop is train_sft.py's.
+
+$ python train_align.py config/toy_align.py
+$ torchrun --standalone --nproc_per_node=8 train_align.py config/vs2_7b_align.py
+$ python train_align.py config/toy_align.py --resume
+"""
+import sys
+
+from config import configure
+from train_sft import *  # noqa: F403  the other constants, and the loop
+
+# -----------------------------------------------------------------------------
+# what differs from SFT
+train_data = "data/toyav/align_train.jsonl"  # audio-only items
+val_data = "data/toyav/align_val.jsonl"
+tasks = ("asr", "audio_caption")  # speech recognition and audio captioning
+trainable = ("audio.",)  # the aligner only: Q-Former, its query, ln_speech, the projections
+lora_r = 0  # no LoRA: the LLM stays as it is
+out_dir = "out/align"
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    train(configure(globals(), sys.argv[1:]), "align")  # noqa: F405
