@@ -616,6 +616,12 @@ class VideoSALMONN2(nn.Module):
         response = self.llm.embed_tokens(torch.tensor(response_ids, device=prefix.device))[None]
         return torch.cat([prefix, response.to(prefix.dtype)], dim=1), prefix.size(1)
 
+    def forward(self, batch):
+        """Training: batch = [(features, (before, after) prompt ids, response ids)] -> (summed response NLL,
+        token count). Going through forward lets FSDP gather the root's parameters (projector, aligner,
+        embeddings) once for the whole step."""
+        return self.response_nll([(*self.embed_sequence(f, p, r), r) for f, p, r in batch])
+
     def response_nll(self, seqs):
         """Summed negative log-likelihood of the responses, and their token count, for a list of
         (embeds (1, L, D), prefix length P, response ids) right-padded into one forward. The LM head
@@ -684,12 +690,13 @@ class VideoSALMONN2(nn.Module):
             frozen.requires_grad_(False)
         return self
 
-    def save_pretrained(self, path):
-        """config.json and model.safetensors in the released video-SALMONN 2 layout."""
+    def save_pretrained(self, path, state=None):
+        """config.json and model.safetensors in the released video-SALMONN 2 layout; state: our
+        {name: tensor} when it is not self.state_dict() (gathered from FSDP shards, say)."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
-        state = {ours_to_released(k): v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(path, "model.safetensors"))
+        state = self.state_dict() if state is None else state
+        save_file({ours_to_released(k): v.detach().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
         config = {**vars(self.cfg.llm), "model_type": "video_salmonn_2", "mm_vision_tower": "siglip",
                   "video_salmonn_2": self.cfg.to_dict()}
         with open(os.path.join(path, "config.json"), "w") as f:
