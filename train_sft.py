@@ -258,6 +258,7 @@ def estimate_flops(model, lengths):
 
 def train(c, stage):
     """The whole run of one stage, configured by the resolved constants c; returns the final model dir."""
+    t_start = time.time()
     rank, world, dev = setup_distributed(c["device"])
     master = rank == 0
     os.makedirs(c["out_dir"], exist_ok=True)
@@ -337,7 +338,7 @@ def train(c, stage):
             bar.close()
             return None
     bar.close()
-    return export(model, tok, c, rank, world)
+    return export(model, tok, c, rank, world, time.time() - t_start)
 
 
 @torch.no_grad()
@@ -354,7 +355,7 @@ def evaluate(model, val, dev, rank, world):
     return (all_sum(nll, world) / all_sum(n, world).clamp(min=1)).item()
 
 
-def export(model, tok, c, rank, world):
+def export(model, tok, c, rank, world, seconds):
     """out_dir/final: the whole model with the LoRA merged into the backbone (paper Eq. 8), in the
     released layout, with its tokenizer and the run's config."""
     if c["lora_r"]:
@@ -365,7 +366,7 @@ def export(model, tok, c, rank, world):
         model.save_pretrained(path, state)
         tok.save(os.path.join(path, "tokenizer.json"))
         with open(os.path.join(path, "train_config.json"), "w") as f:
-            json.dump(c, f, indent=1)
+            json.dump({**c, "seconds": round(seconds, 1)}, f, indent=1)
     if world > 1:
         dist.barrier()
     return path
