@@ -1,4 +1,5 @@
 PY := .venv/bin/python
+TOY := data/toyav
 
 .PHONY: test toy setup clean
 
@@ -13,9 +14,19 @@ setup: .venv/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
-toy: setup
-	@echo "make toy arrives with the toy-world issue (issue 4); until then see README."
-	@exit 1
+# the toy world: data (regenerated only when its generator changes), then every stage and its evaluation
+$(TOY)/train.jsonl: $(TOY)/prepare.py | setup
+	$(PY) $(TOY)/prepare.py
+
+toy: setup $(TOY)/train.jsonl
+	rm -rf out/toy/results.json out/toy/base out/toy/align out/toy/sft
+	$(PY) train_sft.py config/toy_base.py
+	$(PY) eval.py --stage=base --ckpt=out/toy/base/final
+	$(PY) train_align.py config/toy_align.py
+	$(PY) eval.py --stage=align --ckpt=out/toy/align/final
+	$(PY) train_sft.py config/toy_sft.py
+	$(PY) eval.py --stage=sft --ckpt=out/toy/sft/final
+	@cat out/toy/results.json
 
 clean:
 	rm -rf .venv out

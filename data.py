@@ -219,6 +219,7 @@ def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None
 # manifests: JSONL, one item a line, media paths relative to the manifest
 #   {"video": "clips/a.mp4", "prompt": "...", "response": "...", "events": [...], "task": "caption"}
 #   {"audio": "audio/b.wav", "prompt": "Please transcribe the speech.", "response": "...", "task": "asr"}
+#   {"prompt": "Repeat after me: ...", "response": "...", "task": "text"}  (no media)
 # and the released test set's {"video", "conversations": [{"from": "human", "value": "<image>\nPROMPT"}, ...]}
 
 
@@ -235,8 +236,8 @@ def read_manifest(path):
                     turns = item.pop("conversations")
                     item["prompt"] = turns[0]["value"].replace("<image>", "").strip()
                     item["response"] = next((t["value"] for t in turns[1:] if t["from"] == "gpt"), "")
-                if not (item.get("video") or item.get("audio")) or not isinstance(item.get("prompt"), str):
-                    raise ValueError("an item needs a prompt and a video or an audio file")
+                if not isinstance(item.get("prompt"), str) or not (item.get("video") or item.get("audio") or item.get("task") == "text"):
+                    raise ValueError("an item needs a prompt and a video or an audio file (or task text)")
             except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
                 log.warning("%s:%d: skipped: %s", path, n, e)
                 continue

@@ -104,11 +104,11 @@ def toy_metrics(model, tok, c):
     return out
 
 
-def merge_results(path, stage, metrics, seconds):
-    """Add one stage's numbers to the results file (written whole, then renamed)."""
+def merge_results(path, metrics, seconds):
+    """Add {stage: metrics} and {stage: seconds} to the results file (written whole, then renamed)."""
     res = json.load(open(path)) if os.path.exists(path) else {}
-    res[stage] = metrics
-    res.setdefault("seconds", {})[stage] = round(seconds, 1)
+    res.update(metrics)
+    res.setdefault("seconds", {}).update({k: round(v, 1) for k, v in seconds.items()})
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(res, f, indent=1)
@@ -124,7 +124,11 @@ def main(argv):
     metrics = toy_metrics(model, tok, c)
     with open(os.path.join(c["ckpt"], "train_config.json")) as f:
         train_seconds = json.load(f).get("seconds", 0.0)
-    merge_results(c["results"], c["stage"], metrics, train_seconds + time.time() - t0)
+    seconds = {c["stage"]: train_seconds + time.time() - t0}
+    meta = os.path.join(c["data_dir"], "meta.json")  # the toy generator's own time
+    if c["stage"] == "base" and os.path.exists(meta):
+        seconds["prepare"] = json.load(open(meta))["seconds"]
+    merge_results(c["results"], {c["stage"]: metrics}, seconds)
     print(f"{c['stage']}: {json.dumps(metrics)}")
 
 

@@ -540,6 +540,11 @@ class AVConfig:
 
 
 class VideoSALMONN2(nn.Module):
+    """The audio-visual LLM (paper Fig. 1). Frames -> frozen SigLIP -> projector -> pooled tokens with
+    row newlines; audio -> frozen Whisper per segment -> window-level Q-Former; the two interleaved
+    frame by frame and put in place of the <image> placeholder of the Qwen2 chat prompt. The frozen
+    encoders' outputs are what the feature cache stores (encode); everything after them trains."""
+
     def __init__(self, cfg: AVConfig):
         super().__init__()
         self.cfg = cfg
@@ -602,9 +607,9 @@ class VideoSALMONN2(nn.Module):
 
     def av_tokens(self, vis_feats, aud_feats, frame_times, duration):
         """Cached encoder features of one item -> its audio-visual block (L, D). Audio-only items
-        (alignment) have no frames, visual-only ones (the visual base) no audio."""
-        if vis_feats is None:
-            return self.audio(aud_feats)
+        (alignment) have no frames, visual-only ones (the visual base) no audio, text-only ones neither."""
+        if vis_feats is None:  # audio only, or nothing (a text-only item)
+            return self.image_newline.new_zeros(0, self.cfg.llm.hidden_size) if aud_feats is None else self.audio(aud_feats)
         vis = self.visual_tokens(vis_feats)
         if aud_feats is None:
             return vis.reshape(-1, vis.size(-1))

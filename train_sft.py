@@ -41,7 +41,7 @@ lora_dropout = 0.05  # dropout on the LoRA input
 lora_targets = ("q_proj", "k_proj", "v_proj")  # LLM linears that get LoRA, as released
 trainable = ("lora_", "audio.")  # substrings of the parameter names that train; all else is frozen
 # data
-train_data = "data/toyav/train.jsonl"  # manifest
+train_data = "data/toyav/train.jsonl"  # manifest, or several joined by commas
 val_data = "data/toyav/val.jsonl"  # manifest for the validation loss ("" for none)
 tasks = ("caption", "qa")  # manifest tasks to train on
 use_audio = True  # False: the model sees frames only (the visual base)
@@ -153,6 +153,8 @@ class Features:
         self.ids = [x for i, x in enumerate(self.ids) if i not in bad]
 
     def features(self, item):
+        if not (item.get("video") or item.get("audio")):
+            return None, None, [], 0.0  # a text-only item
         vis, aud, times, duration = media_features(item.get("video"), self.model.encode, self.fingerprint,
                                                    self.c["cache_dir"], item.get("audio"), **self.prep)
         return vis, aud if self.c["use_audio"] else None, times, duration
@@ -270,7 +272,7 @@ def train(c, stage):
         meta, ckpt = load_checkpoint(model, c)
         if meta["world"] != world:
             raise SystemExit(f"{ckpt} was written by {meta['world']} processes, this run has {world}")
-    items = [it for it in read_manifest(c["train_data"]) if it.get("task", "caption") in c["tasks"]]
+    items = [it for m in c["train_data"].split(",") for it in read_manifest(m) if it.get("task", "caption") in c["tasks"]]
     data = Features(model, tok, items, c, rank, world)
     val = Features(model, tok, [it for it in read_manifest(c["val_data"]) if it.get("task", "caption") in c["tasks"]][:c["eval_items"]],
                    c, rank, world) if c["val_data"] else None

@@ -6,8 +6,8 @@ tokenizer = "data/toyav/tokenizer.json"
 arch = dict(  # every class as in the 7B model, tiny; vocab_size is taken from the tokenizer
     llm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True),
-    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                image_size=48, patch_size=8),  # a 6 x 6 patch grid, max-pooled to 3 x 3 (+3 newlines)
+    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                image_size=64, patch_size=8),  # an 8 x 8 patch grid, max-pooled to 4 x 4 (+4 newlines)
     whisper=dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
                  encoder_ffn_dim=128, max_source_positions=200),  # 4 s segments (400 mel frames)
     qformer=dict(encoder_width=64, hidden=64, heads=4, intermediate=128, window=10,
@@ -16,9 +16,10 @@ arch = dict(  # every class as in the 7B model, tiny; vocab_size is taken from t
 lora_r = 0
 trainable = ("llm.", "projector.", "image_newline")
 use_audio = False
-train_data = "data/toyav/base_train.jsonl"
+train_data = "data/toyav/base_train.jsonl,data/toyav/text_train.jsonl"  # frames -> visual captions, and
+# text-only "Repeat after me" items: the world's language, which a real base LLM would already have
 val_data = "data/toyav/base_val.jsonl"
-tasks = ("caption",)
+tasks = ("caption", "text")
 batch_size = 8
 steps = 300
 lr = 2e-3

@@ -1,0 +1,263 @@
+"""The toy audio-visual world (data/toyav/prepare.py --small): determinism, manifests, captions and their atomic
+events, questions, the media the captions describe, audio-only items and the tokenizer."""
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from data import encode_prompt, load_audio, load_video, read_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "data", "toyav", "prepare.py")
+_spec = importlib.util.spec_from_file_location("toyav_prepare", SCRIPT)  # data/ is not a package: data.py is
+toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy)
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory):
+    """The small set written twice with the default seed, into two directories."""
+    dirs = [tmp_path_factory.mktemp(name) for name in ("a", "b")]
+    for d in dirs:
+        subprocess.run([sys.executable, SCRIPT, "--small", "--out", str(d)], cwd=ROOT, check=True, capture_output=True)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def out(twice):
+    return twice[0]
+
+
+def items(out, name):
+    with open(out / f"{name}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def captions(out):
+    return [it for split in toy.SPLITS for it in items(out, split) if it["task"] == "caption"]
+
+
+def test_same_seed_same_data(twice):
+    a, b = twice
+    files = sorted(os.path.relpath(p, a) for p in glob.glob(f"{a}/*.json*") + glob.glob(f"{a}/audio/*.wav"))
+    assert len(files) == 10 + sum(toy.SMALL_AUDIO_ITEMS.values())  # 9 manifests, the tokenizer, the wavs
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for it in captions(a):  # mp4 bytes may carry muxer metadata: compare what decodes
+        ma, mb = (load_video(d / it["video"], image_size=32, n_mels=80, segment_seconds=4) for d in twice)
+        assert torch.equal(ma.frames, mb.frames) and torch.equal(ma.mel, mb.mel)
+
+
+def test_manifests_parse_and_reference_files(out):
+    fields = {"caption": {"events"}, "qa": {"answer", "question", "options"}, "asr": set(), "audio_caption": set()}
+    for split in toy.SPLITS:
+        for name in (split, f"base_{split}", f"align_{split}"):
+            raw = items(out, name)
+            assert raw and len(read_manifest(out / f"{name}.jsonl")) == len(raw)  # no line skipped as malformed
+            for it in raw:
+                media = it.get("video") or it["audio"]
+                assert media.startswith("clips/" if "video" in it else "audio/") and (out / media).is_file()
+                assert {"id", "task", "prompt", "response"} | fields[it["task"]] <= set(it)
+            assert len({it["id"] for it in raw}) == len(raw)
+    for split in toy.SPLITS:  # the visual-only items are the caption clips, with their visual events only
+        full, base = [it for it in items(out, split) if it["task"] == "caption"], items(out, f"base_{split}")
+        assert [it["video"] for it in full] == [it["video"] for it in base]
+        for f, b in zip(full, base):
+            assert b["prompt"] == toy.VISUAL_PROMPT and f["prompt"] == toy.CAPTION_PROMPT
+            assert b["events"] == [e for e in f["events"] if e["type"] == "visual"]
+            assert b["response"] == " ".join(e["text"] for e in b["events"])
+
+
+def test_captions_round_trip_through_parse_caption(out):
+    for split in toy.SPLITS:
+        for it in items(out, split) + items(out, f"base_{split}"):
+            if it["task"] == "caption":
+                keys = [e["key"] for e in it["events"]]
+                assert toy.parse_caption(it["response"]) == keys
+                assert it["response"] == " ".join(toy.event_sentence(k) for k in keys)
+                assert [e["text"] for e in it["events"]] == [toy.event_sentence(k) for k in keys]
+                assert [e["start"] for e in it["events"]] == sorted(e["start"] for e in it["events"])
+        for it in items(out, f"align_{split}"):
+            if it["task"] == "audio_caption":  # "A low tone plays. Then a falling chirp sounds."
+                assert all(toy.event_type(k) == "sound" for k in toy.parse_caption(it["response"]))
+
+
+def test_parse_caption_marks_what_no_template_makes():
+    text = 'A red circle appears.  A purple cow moos. Someone says "bako mizu". Someone says "hello". The blue'
+    assert toy.parse_caption(text) == [["appear", "red", "circle"], ["unknown", "A purple cow moos."],
+                                       ["say", "bako mizu"], ["unknown", 'Someone says "hello".'],
+                                       ["unknown", "The blue"]]
+    assert toy.parse_caption("") == []
+    for key in toy.all_keys() + [["say", "tena"], ["say", "bako mizu zeta"]]:
+        assert toy.parse_caption(toy.event_sentence(key)) == [key]
+
+
+def truths(question, keys):
+    """Every option that would be a right answer to a question about a clip with these events."""
+    shown = [k for k in keys if k[0] == "appear"]
+    if question == "How many shapes appeared?":
+        return {str(len(shown))}
+    if question == "Which of these shapes appeared?":
+        return {f"a {k[1]} {k[2]}" for k in shown}
+    if question.startswith("What colour was the "):
+        colours = {k[1] for k in shown if k[2] == question[len("What colour was the "):-1]}
+        assert len(colours) == 1, question  # "the circle" names one colour
+        return colours
+    if question == "Which word was spoken?":
+        return {w for k in keys if k[0] == "say" for w in k[1].split()}
+    if question == "Which digit appeared on screen?":
+        return {k[1] for k in keys if k[0] == "digit"}
+    assert question == "What sound was heard first?"
+    return {toy.sound_name(next(k for k in keys if toy.event_type(k) != "visual"))}
+
+
+def test_questions_have_one_right_answer_from_the_events(out):
+    for split in toy.SPLITS:
+        raw = items(out, split)
+        keys = {it["video"]: [e["key"] for e in it["events"]] for it in raw if it["task"] == "caption"}
+        questions = [it for it in raw if it["task"] == "qa"]
+        assert len(questions) >= 2 * len(keys)
+        for it in questions:
+            assert it["answer"] == it["response"] and it["answer"] in "ABCD" and len(set(it["options"])) == 4
+            listed = "\n".join(f"{letter}. {o}" for letter, o in zip("ABCD", it["options"]))
+            assert it["prompt"] == toy.QA_PROMPT.format(question=it["question"], options=listed)
+            right = truths(it["question"], keys[it["video"]])
+            assert [o in right for o in it["options"]] == [letter == it["answer"] for letter in "ABCD"], it
+
+
+def test_mute_clips_long_clips_and_event_timing(out):
+    mute, long = 0, 0
+    for it in captions(out):
+        m = load_video(out / it["video"], image_size=32, n_mels=80, segment_seconds=4)
+        types = {e["type"] for e in it["events"]}
+        assert m.has_audio == (load_audio(out / it["video"]) is not None)
+        if not m.has_audio:
+            mute += 1
+            assert types == {"visual"}
+        long += m.duration > 8
+        assert toy.MIN_SECONDS <= m.duration <= toy.MAX_SECONDS and m.duration == int(m.duration)
+        assert m.mel.shape == (int(np.ceil(m.duration / 4)), 80, 400)
+        seen = [e["start"] for e in it["events"] if e["type"] == "visual"]
+        heard = [e["start"] for e in it["events"] if e["type"] != "visual"]
+        assert all(b - a >= toy.HOLD for a, b in zip(seen, seen[1:])) and seen[-1] + toy.HOLD <= m.duration
+        assert all(b - a >= toy.SLOT for a, b in zip(heard, heard[1:]))  # sounds never overlap
+        assert not heard or heard[-1] + toy.SLOT <= m.duration
+    assert mute >= len(toy.SPLITS) and long >= 1
+
+
+def near(frame, rgb):  # (S, S) mask of pixels within 0.25 of an RGB colour on [0, 1], frame (3, S, S) in [-1, 1]
+    target = torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1) / 255
+    return ((frame + 1) / 2 - target).abs().amax(0) < 0.25
+
+
+def test_frames_show_the_visual_events(out):
+    checked = set()
+    for it in captions(out):
+        m = load_video(out / it["video"], image_size=32, n_mels=80, segment_seconds=4)
+        assert m.times == list(range(len(m.times)))  # one frame a second: frame i is second i
+        frame = lambda t: m.frames[t]
+        lower = lambda t: m.frames[t][:, 16:]  # shapes live in the lower half, the digit in the upper
+        bg = None
+        for e in it["events"]:
+            t, (kind, *slots) = e["start"], e["key"]
+            if kind in ("start", "background"):
+                bg = slots[0]
+                assert near(frame(t), toy.BACKGROUNDS[bg])[0, 0]
+            elif kind == "appear":
+                assert near(lower(t), toy.COLOURS[slots[0]]).any()
+            elif kind == "disappear":
+                assert not near(lower(t), toy.COLOURS[slots[0]]).any()
+            elif kind == "move":  # it slides during the second after the event
+                x = [near(lower(s), toy.COLOURS[slots[0]]).nonzero()[:, 1].float().mean() for s in (t, t + 1)]
+                assert (x[1] > x[0] + 4) if slots[2] == "right" else (x[1] < x[0] - 4)
+            elif kind == "digit":
+                ink = (255, 255, 255) if bg == "black" else (0, 0, 0)
+                assert near(frame(t)[:, :16], ink).sum() >= 8
+            checked.add(kind)
+    assert {"start", "background", "appear", "disappear", "move", "digit"} <= checked
+
+
+def peak_hz(x):
+    return np.argmax(np.abs(np.fft.rfft(x * np.hanning(len(x))))) * 16000 / len(x)
+
+
+def test_soundtrack_has_the_sound_events(out):
+    checked = set()
+    for it in captions(out):
+        audio = load_audio(out / it["video"])
+        if audio is None:
+            continue
+        quiet = np.ones(len(audio), bool)
+        for e in it["events"]:
+            if e["type"] == "visual":
+                continue
+            (kind, *slots), a = e["key"], audio[e["start"] * 16000:(e["start"] + toy.SLOT) * 16000]
+            quiet[max(0, e["start"] * 16000 - 800):(e["start"] + toy.SLOT) * 16000] = False  # AAC pre-echoes onsets
+            assert np.abs(a).max() > 0.1
+            if kind == "tone":
+                assert abs(peak_hz(a[1600:16000]) - toy.TONES[slots[0]]) < 5
+            if kind == "chirp":  # the pitch of its first half against its second
+                lo, hi = peak_hz(a[:8000]), peak_hz(a[8000:16000])
+                assert lo < hi if slots[0] == "rising" else lo > hi
+            checked.add(kind)
+        assert np.abs(audio[quiet]).max(initial=0) < 0.01  # silence between the events
+    assert checked == {"tone", "chirp", "noise", "say"}
+
+
+def test_audio_only_items(out):
+    for split in toy.SPLITS:
+        raw = items(out, f"align_{split}")
+        assert [it["task"] for it in raw] == ["asr", "audio_caption"] * (len(raw) // 2)
+        for it in raw:
+            with wave.open(str(out / it["audio"])) as f:
+                assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (16000, 1, 2)
+                assert 1 <= f.getnframes() / 16000 <= 6
+            if it["task"] == "asr":
+                assert it["prompt"] == toy.ASR_PROMPT and all(w in toy.WORDS for w in it["response"].split())
+            else:
+                assert it["prompt"] == toy.AUDIO_CAPTION_PROMPT and 1 <= len(toy.parse_caption(it["response"])) <= 3
+
+
+def band_power(x, lo, hi):
+    spectrum, f = np.abs(np.fft.rfft(x)) ** 2, np.fft.rfftfreq(len(x), 1 / 16000)
+    return spectrum[(f >= lo) & (f < hi)].mean()
+
+
+def test_vowels_have_their_formants(out):
+    for vowel, (f1, f2, f3) in toy.VOWELS.items():  # each vowel: strong near F1 and F2, weak between F2 and F3
+        x = toy.voiced(150, (f1, f2, f3), 0.16)
+        valley = band_power(x, (f2 + f3) / 2 - 100, (f2 + f3) / 2 + 100)
+        assert band_power(x, f1 - 100, f1 + 100) > 3 * valley and band_power(x, f2 - 100, f2 + 100) > 3 * valley
+    it = next(it for it in items(out, "align_train") if it["task"] == "asr")  # a real wav, lightly
+    with wave.open(str(out / it["audio"])) as f:
+        x = np.frombuffer(f.readframes(f.getnframes()), "<i2") / 32768
+    spectrum, freqs = np.abs(np.fft.rfft(x)) ** 2, np.fft.rfftfreq(len(x), 1 / 16000)
+    formants = [toy.VOWELS[v][:2] for word in it["response"].split() for v in word[1::2]]
+    close = np.any([np.abs(freqs - f) < 100 for pair in formants for f in pair], axis=0)
+    voice = (freqs >= 100) & (freqs < 4000)
+    assert spectrum[voice].sum() > 0.9 * spectrum.sum()
+    assert spectrum[close].mean() > 1.5 * spectrum[voice].mean()
+
+
+def test_tokenizer(out):
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert [tok.id_to_token(i) for i in range(3)] == toy.SPECIAL
+    assert 500 <= tok.get_vocab_size() <= toy.VOCAB_SIZE
+    texts = [it[k] for it in items(out, "train") + items(out, "align_train") for k in ("prompt", "response")]
+    for text in texts + ['Someone says "zeta".\n\n', "Unseen words: café 42!"]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text
+    caption = captions(out)[0]["response"]
+    assert len(tok.encode(caption).ids) < 0.3 * len(caption)  # the toy vocabulary is mostly whole words
+    before, after = encode_prompt(tok, toy.CAPTION_PROMPT)
+    assert tok.decode(before, skip_special_tokens=False) == \
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert tok.decode(after, skip_special_tokens=False) == \
+        f"\n\n{toy.CAPTION_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
