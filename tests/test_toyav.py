@@ -47,13 +47,23 @@ def captions(out):
 
 def test_same_seed_same_data(twice):
     a, b = twice
-    files = sorted(os.path.relpath(p, a) for p in glob.glob(f"{a}/*.json*") + glob.glob(f"{a}/audio/*.wav"))
-    assert len(files) == 10 + sum(toy.SMALL_AUDIO_ITEMS.values())  # 9 manifests, the tokenizer, the wavs
+    files = sorted(os.path.relpath(p, a) for p in glob.glob(f"{a}/*.json*") + glob.glob(f"{a}/audio/*.wav")
+                   if not p.endswith("meta.json"))  # meta.json holds the run's own timing
+    assert len(files) == 13 + sum(toy.SMALL_AUDIO_ITEMS.values())  # 12 manifests, the tokenizer, the wavs
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     for it in captions(a):  # mp4 bytes may carry muxer metadata: compare what decodes
         ma, mb = (load_video(d / it["video"], image_size=32, n_mels=80, segment_seconds=4) for d in twice)
         assert torch.equal(ma.frames, mb.frames) and torch.equal(ma.mel, mb.mel)
+
+
+def test_text_items_repeat_every_caption_and_audio_response(out):
+    for split in toy.SPLITS:
+        text = items(out, f"text_{split}")
+        said = [it["response"] for it in items(out, split) if it["task"] == "caption"] + [it["response"] for it in items(out, f"align_{split}")]
+        assert [it["response"] for it in text] == said
+        assert all(it["task"] == "text" and it["prompt"] == "Repeat after me: " + it["response"] for it in text)
+        assert len(read_manifest(out / f"text_{split}.jsonl")) == len(text)
 
 
 def test_manifests_parse_and_reference_files(out):
