@@ -34,9 +34,9 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
 
 
-def toy_world(data_dir):
-    """data/<dataset>/prepare.py as a module (data.py takes the name `data`): the caption grammar."""
-    spec = importlib.util.spec_from_file_location("toyav", os.path.join(data_dir, "prepare.py"))
+def toy_world():
+    """data/toyav/prepare.py as a module (data.py takes the name `data`): the toy caption grammar."""
+    spec = importlib.util.spec_from_file_location("toyav", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toyav", "prepare.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -88,7 +88,7 @@ def caption_scores(world, captions, items):
 
 
 def toy_metrics(model, tok, c):
-    world, pick = toy_world(c["data_dir"]), lambda items: items[:c["limit"]] if c["limit"] else items
+    world, pick = toy_world(), lambda items: items[:c["limit"]] if c["limit"] else items
     if c["stage"] == "align":
         asr = pick([it for it in read_manifest(os.path.join(c["data_dir"], "align_test.jsonl")) if it["task"] == "asr"])
         errors = [wer(it["response"], h) for it, h in zip(asr, generate(model, tok, asr, True, c))]

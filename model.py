@@ -638,6 +638,21 @@ class VideoSALMONN2(nn.Module):
         targets = torch.tensor([t for _, _, r in seqs for t in r], device=x.device)
         return F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum"), targets.numel()
 
+    def continuation_logps(self, feats, prompt_ids, continuations):
+        """Summed log-probability of each continuation (a list of N token lists) after one video's prompt,
+        and their token counts: the prefix runs once (batch 1) and the N continuations run as one
+        right-padded batch over its KV cache, gradients reaching the prefix through the cache."""
+        prefix = self.prompt_embeds(prompt_ids[0], self.av_tokens(*feats), prompt_ids[1])  # (1, P, D)
+        h, cache = self.llm.hidden(prefix, use_cache=True)
+        N, L = len(continuations), max(len(c) for c in continuations)
+        ids = torch.tensor([c + [0] * (L - len(c)) for c in continuations], device=prefix.device)  # (N, L)
+        hc, _ = self.llm.hidden(self.llm.embed_tokens(ids).to(prefix.dtype), cache=cache)  # (N, L, D)
+        hs = torch.cat([h[:, -1:].expand(N, 1, -1), hc[:, :-1]], dim=1)  # (N, L, D): the state before each token
+        lengths = torch.tensor([len(c) for c in continuations], device=ids.device)
+        real = torch.arange(L, device=ids.device)[None] < lengths[:, None]  # (N, L)
+        nll = F.cross_entropy(self.llm.head(hs[real]).float(), ids[real], reduction="none")  # head on real tokens only
+        return -torch.zeros(N, device=ids.device).index_add(0, real.nonzero()[:, 0], nll), lengths
+
     def prompt_embeds(self, before_ids, av, after_ids):
         """Token ids before and after the <image> placeholder around the AV block -> (1, P, D)."""
         emb = self.llm.embed_tokens

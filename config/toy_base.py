@@ -17,7 +17,7 @@ lora_r = 0
 trainable = ("llm.", "projector.", "image_newline")
 use_audio = False
 train_data = "data/toyav/base_train.jsonl,data/toyav/text_train.jsonl"  # frames -> visual captions, and
-# text-only "Repeat after me" items: the world's language, which a real base LLM would already have
+# text-only items (a text, then an instruction to say it): the language skills a real base LLM already has
 val_data = "data/toyav/base_val.jsonl"
 tasks = ("caption", "text")
 batch_size = 8

@@ -230,3 +230,29 @@ def test_response_nll_equals_full_forward_cross_entropy():
     seqs = [(*m.embed_sequence(f, ([1, 2], [3]), r), r) for f, r in items]  # rebuilt with checkpointing on
     m.response_nll(seqs)[0].backward()
     assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(g, m.projector.parameters()))
+
+
+def test_continuation_logps_equal_separate_forwards_with_gradients():
+    """The shared-prefix pass (the gDPO step's) equals one full forward per continuation, in the
+    summed log-probs and in the gradients that reach the trainable parts."""
+    m = tiny_model()
+    m.audio.eval()
+    torch.manual_seed(3)
+    feats = (torch.randn(3, 16, 32), torch.randn(2, 100, 32), [0.0, 1.0, 2.0], 3.0)
+    prompt, conts = ([1, 2, 3], [4, 5]), [[7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18]]
+    logps, lengths = m.continuation_logps(feats, prompt, conts)
+    (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    shared = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    ref = []
+    for c in conts:
+        e, P = m.embed_sequence(feats, prompt, c)
+        logits = m.llm(embeds=e)[0][0, P - 1:-1]
+        ref.append(-F.cross_entropy(logits, torch.tensor(c), reduction="sum"))
+    ref = torch.stack(ref)
+    (ref * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    assert lengths.tolist() == [4, 2, 6] and torch.allclose(logps, ref, atol=1e-4)
+    assert shared.keys() == {n for n, p in m.named_parameters() if p.grad is not None}
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(shared[n], p.grad, atol=1e-5), n

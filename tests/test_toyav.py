@@ -62,7 +62,9 @@ def test_text_items_repeat_every_caption_and_audio_response(out):
         text = items(out, f"text_{split}")
         said = [it["response"] for it in items(out, split) if it["task"] == "caption"] + [it["response"] for it in items(out, f"align_{split}")]
         assert [it["response"] for it in text] == said
-        assert all(it["task"] == "text" and it["prompt"] == "Repeat after me: " + it["response"] for it in text)
+        prompts = {toy.CAPTION_PROMPT, toy.ASR_PROMPT, toy.AUDIO_CAPTION_PROMPT}
+        assert all(it["task"] == "text" and it["prompt"].startswith(it["response"] + "\n")
+                   and it["prompt"].split("\n", 1)[1] in prompts for it in text)
         assert len(read_manifest(out / f"text_{split}.jsonl")) == len(text)
 
 

@@ -512,10 +512,11 @@ def main():
 
 
 def repeat_item(item):
-    """A text-only item that makes the toy LLM say the world's sentences and words. A real base LLM can
-    already write any text; ours learns only what its training shows it, and the frozen LLM of audio
-    alignment could otherwise never say a transcript, however well the aligner hears it."""
-    return {"id": f"{item['id']}_text", "task": "text", "prompt": f"Repeat after me: {item['response']}",
+    """A text-only item: the response written out just before the item's own instruction, where the media
+    would be, and the response is to say it. A real base LLM already writes any text and follows these
+    instructions; ours learns only what its training shows it, and the frozen LLM of audio alignment
+    could otherwise never say a transcript, however well the aligner hears it."""
+    return {"id": f"{item['id']}_text", "task": "text", "prompt": f"{item['response']}\n{item['prompt']}",
             "response": item["response"]}
 
 

@@ -1,0 +1,180 @@
+"""MrDPO: the gDPO loss against its closed form, Table 6 pair selection, the LoRA proxy's merge and
+re-init, the shared-prefix step against the released 5-pass scheme, and resuming each phase."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import lora
+import train_mrdpo
+from test_av_model import tiny_model
+from train_mrdpo import gdpo_loss, pair_step, select_pair, start_round
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gdpo_loss_closed_form_and_plain_dpo():
+    pc, pr = torch.tensor([-10.0, -20.0, -5.0], requires_grad=True), torch.tensor([-12.0, -15.0, -9.0])
+    rc, rr = torch.tensor([-11.0, -18.0, -6.0]), torch.tensor([-11.5, -16.0, -8.0])
+    loss, dpo, ce, cw, rw = gdpo_loss(pc, pr, rc, rr, torch.tensor(2.5), beta=0.1, ce_weight=0.1)
+    z = [0.1 * ((a - c) - (b - d)) for a, b, c, d in zip([-10.0, -20.0, -5.0], [-12.0, -15.0, -9.0],
+                                                          [-11.0, -18.0, -6.0], [-11.5, -16.0, -8.0])]
+    expected_dpo = sum(torch.log1p(torch.exp(torch.tensor(-x))) for x in z) / 3  # -log sigmoid(z) = log(1 + e^-z)
+    assert torch.isclose(dpo, expected_dpo) and torch.isclose(loss, expected_dpo + 0.25) and ce == 2.5
+    assert torch.allclose(cw, 0.1 * (pc - rc).detach()) and torch.allclose(rw, 0.1 * (pr - rr))
+    loss.backward()  # d/d pc of -log sigmoid(z) / 3 = -beta sigmoid(-z) / 3
+    assert torch.allclose(pc.grad, torch.tensor([-0.1 * torch.sigmoid(torch.tensor(-x)) / 3 for x in z]))
+    plain, *_ = gdpo_loss(pc, pr, rc, rr, torch.tensor(2.5), beta=0.1, ce_weight=0.0)
+    assert torch.isclose(plain, expected_dpo)  # lambda = 0 is plain DPO
+    at_start, *_ = gdpo_loss(rc, rr, rc, rr, torch.tensor(0.0), beta=0.1, ce_weight=0.1)
+    assert torch.isclose(at_start, torch.log(torch.tensor(2.0)))  # policy = reference: log 2
+
+
+@pytest.mark.parametrize("t,a,b,kept", [
+    (1, (0.30, 0.00), (0.36, 0.02), True),  # wins by 0.06 >= 0.05, repeats 0.02 less >= 0.01
+    (1, (0.30, 0.00), (0.34, 0.02), False),  # 0.04 < 0.05
+    (1, (0.30, 0.01), (0.40, 0.01), False),  # repeats no less: 0 < 0.01
+    (2, (0.30, 0.005), (0.50, 0.00), True),  # 0.20; may repeat 0.005 more (>= -0.01)
+    (2, (0.30, 0.02), (0.50, 0.00), False),  # repeats 0.02 more
+    (3, (0.60, 0.0), (0.38, 0.0), False),  # the better one is b; 0.22 < 0.23
+    (6, (0.60, 0.0), (0.36, 0.0), True),  # 0.24; and rounds past 6 keep round 6's margins
+    (9, (0.60, 0.0), (0.36, 0.0), True)])
+def test_pair_selection_follows_table_6(t, a, b, kept):
+    sa, sb = {"total": a[0], "repetition": a[1]}, {"total": b[0], "repetition": b[1]}
+    pair = select_pair(sa, sb, t, {})
+    assert (pair is not None) == kept
+    if pair:
+        assert pair[0]["total"] == min(a[0], b[0])
+
+
+def lora_model(seed=0):
+    m = tiny_model(seed)
+    lora.apply_lora(m.llm, r=4, alpha=8, dropout=0.0)
+    for layer in lora.lora_layers(m):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)  # a trained proxy
+    return m
+
+
+def logits_of(m, idx):
+    with torch.no_grad():
+        return m.llm(idx)[0]
+
+
+def test_merge_and_reinit_keep_the_policy_and_make_it_the_reference():
+    m, idx = lora_model(), torch.randint(0, 300, (2, 9))
+    before = logits_of(m, idx)
+    with lora.disabled(m):
+        assert not torch.allclose(logits_of(m, idx), before, atol=1e-3)  # the old reference differs
+    start_round(m, {"proxy": True, "seed": 1}, 2)
+    assert torch.allclose(logits_of(m, idx), before, atol=1e-5)  # Eq. 8 keeps the function
+    with lora.disabled(m):
+        assert torch.allclose(logits_of(m, idx), before, atol=1e-5)  # B = 0: the reference is the policy
+    assert all(layer.lora_B.abs().sum() == 0 and layer.lora_A.abs().sum() > 0 for layer in lora.lora_layers(m))
+
+
+def test_shared_prefix_step_equals_the_five_pass_scheme():
+    """One prefix pass with chosen, rejected and ground truth over its KV cache gives the loss and the
+    gradients of the released scheme: five full passes (policy chosen, policy rejected, reference
+    chosen, reference rejected with the proxy disabled, policy ground truth)."""
+    m = lora_model()
+    start_round(m, {"proxy": True, "seed": 1}, 2)
+    for layer in lora.lora_layers(m):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)  # some training happened: policy != reference
+    m.eval()
+    torch.manual_seed(4)
+    feats, prompt = (torch.randn(3, 16, 32), torch.randn(2, 100, 32), [0.0, 1.0, 2.0], 3.0), ([1, 2, 3], [4, 5])
+    pairs = []
+    for chosen, rejected, gt in [([7, 8, 9, 2], [10, 11, 2], [12, 13, 14, 15, 2]), ([20, 21, 2], [22, 23, 24, 25, 2], [26, 2])]:
+        with torch.no_grad(), lora.disabled(m):
+            ref = m.continuation_logps(feats, prompt, [chosen, rejected])[0]
+        pairs.append((feats, prompt, {"chosen_ids": chosen, "rejected_ids": rejected, "gt_ids": gt,
+                                      "ref_chosen": ref[0].item(), "ref_rejected": ref[1].item()}))
+    c = {"beta": 0.1, "ce_weight": 0.1}
+    loss = pair_step(m, pairs, torch.device("cpu"), c)[0]
+    loss.backward()
+    shared = [layer.lora_B.grad.clone() for layer in lora.lora_layers(m)]
+    m.zero_grad()
+
+    def full_logp(ids):  # one whole multimodal forward, as the released code does per caption
+        e, P = m.embed_sequence(feats, prompt, ids)
+        return -F.cross_entropy(m.llm(embeds=e)[0][0, P - 1:-1], torch.tensor(ids), reduction="sum")
+    pol, ref, gt_nll, gt_n = [], [], 0.0, 0
+    for _, _, p in pairs:
+        pol.append(torch.stack([full_logp(p["chosen_ids"]), full_logp(p["rejected_ids"])]))
+        with torch.no_grad(), lora.disabled(m):
+            ref.append(torch.stack([full_logp(p["chosen_ids"]), full_logp(p["rejected_ids"])]))
+        gt_nll, gt_n = gt_nll - full_logp(p["gt_ids"]), gt_n + len(p["gt_ids"])
+    pol, ref = torch.stack(pol), torch.stack(ref)
+    five = gdpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], gt_nll / gt_n, 0.1, 0.1)[0]
+    five.backward()
+    assert torch.allclose(loss, five, atol=1e-5)
+    for g, layer in zip(shared, lora.lora_layers(m)):
+        assert torch.allclose(g, layer.lora_B.grad, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """The toy world (--small) and a briefly trained toy model to start MrDPO from."""
+    d = tmp_path_factory.mktemp("mrdpo")
+    subprocess.run([sys.executable, "data/toyav/prepare.py", "--small", "--out", str(d / "data")], cwd=ROOT, check=True,
+                   capture_output=True)
+    cfg = d / "sft.py"
+    cfg.write_text(f"tokenizer = {str(d / 'data' / 'tokenizer.json')!r}\ntrain_data = {str(d / 'data' / 'train.jsonl')!r}\n"
+                   f"val_data = ''\nout_dir = {str(d / 'sft')!r}\ncache_dir = {str(d / 'cache')!r}\nsteps = 3\n"
+                   "batch_size = 2\nlora_r = 0\ntrainable = ('llm.', 'projector.', 'image_newline', 'audio.')\n")
+    out = subprocess.run([sys.executable, "train_sft.py", "config/toy_base.py", str(cfg), "--use_audio=True",
+                          "--tasks=('caption','qa')"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return d
+
+
+def mrdpo_config(toy, out, **kw):
+    d = toy / "data"
+    c = dict(init_from=str(toy / "sft" / "final"), tokenizer="", train_data=str(d / "train.jsonl"),
+             val_data=str(d / "val.jsonl"), test_data=str(d / "test.jsonl"), rounds=2, steps_per_round=4,
+             round_lrs=(1e-2, 1e-2), beta=0.1, ce_weight=0.1, proxy=True, qa_mix=0.5, samples_per_video=2,
+             temperature=1.5, top_p=1.0, max_new_tokens=16, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+             lora_targets=("q_proj", "k_proj", "v_proj"), trainable=("lora_",), batch_size=2, warmup_ratio=0.0,
+             weight_decay=0.0, grad_clip=1.0, judge="toy", fps=1.0, max_frames=110, cache_dir=str(toy / "cache"),
+             out_dir=str(out), results=str(out / "results.json"), log_every=1, ckpt_every=2,
+             seed=5, device="cpu", dtype="float32")
+    c.update(kw)
+    return c
+
+
+def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mrdpo, "THRESHOLDS", ((-1.0, -1.0),))  # keep every pair: the toy model is barely trained
+    out = tmp_path / "run"
+    c = mrdpo_config(toy, out)
+    train_mrdpo.main(c)
+    res = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in res["rounds"]] == [1, 2] and all(r["pairs"] == 8 for r in res["rounds"])
+    assert "mrdpo" in res["seconds"]
+    logs = [json.loads(x) for x in (out / "round2" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 4 and {"dpo", "ce", "chosen_reward", "rejected_reward", "reward_acc", "margin"} <= set(logs[0])
+    proxy2 = load_file(str(out / "round2" / "proxy.safetensors"))
+    samples = (out / "round2" / "samples_rank0.jsonl").read_text().splitlines()
+
+    # a crash while sampling round 2: half its samples written, nothing after
+    for f in ("done.json", "proxy.safetensors", "ckpt_rank0.pt", "log.jsonl"):
+        os.remove(out / "round2" / f)
+    (out / "round2" / "samples_rank0.jsonl").write_text("\n".join(samples[:4]) + "\n")
+    train_mrdpo.main(c)
+    assert (out / "round2" / "samples_rank0.jsonl").read_text().splitlines() == samples
+    for k, v in load_file(str(out / "round2" / "proxy.safetensors")).items():
+        assert torch.allclose(v, proxy2[k], atol=1e-6), k
+
+    # a crash while training round 2, after its step-2 checkpoint
+    for f in ("done.json", "proxy.safetensors"):
+        os.remove(out / "round2" / f)
+    assert torch.load(out / "round2" / "ckpt_rank0.pt", weights_only=False)["step"] == 2
+    train_mrdpo.main(c)
+    for k, v in load_file(str(out / "round2" / "proxy.safetensors")).items():
+        assert torch.allclose(v, proxy2[k], atol=1e-6), k
+    shutil.rmtree(out)

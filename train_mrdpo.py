@@ -1,0 +1,276 @@
+"""
+Multi-round DPO (paper 3.3, 5.2; Appendices C, D). Each round t = 1..R:
+  1. the previous round's LoRA is merged into the backbone (Eq. 8) and a fresh LoRA proxy is added;
+     the round-start model is the reference (the same network with the proxy disabled);
+  2. two captions per training video are sampled (nucleus), with their reference log-probs;
+  3. both are judged against the video's atomic events (Miss + Hall = total error; repetition rate);
+  4. a pair is kept when the better caption wins by the round's margins (Table 6);
+  5. the proxy trains on the gDPO loss (Eq. 9): DPO on the pairs plus lambda x cross-entropy on the
+     ground-truth caption; the last round also mixes in QA SFT items.
+Every phase writes as it goes (samples with their judgments and reference log-probs, training
+checkpoints, each round's proxy and done.json), so running the same command again after a crash, in any
+phase of any round, continues where it stopped. Delete out_dir to start over.
+
+$ python train_mrdpo.py config/toy_mrdpo.py
+$ torchrun --standalone --nproc_per_node=8 train_mrdpo.py config/vs2_7b_mrdpo.py
+"""
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.distributed.fsdp import register_fsdp_forward_method
+
+import lora
+from config import configure
+from data import encode_prompt, read_manifest
+from eval import caption_scores, generate, merge_results, toy_world
+from judge import repetition_rate, toy_judge
+from train_sft import Features, all_sum, autocast, build_model, full_state, lr_at, setup_distributed, shard
+
+# -----------------------------------------------------------------------------
+init_from = "out/toy/sft/final"  # the AV SFT model (its LoRA merged)
+tokenizer = ""  # tokenizer.json; default: the one in init_from
+train_data = "data/toyav/train.jsonl"  # caption items (videos, ground-truth captions and events) and QA items
+val_data = "data/toyav/val.jsonl"  # per-round validation captions
+test_data = "data/toyav/test.jsonl"  # per-round test captions (results.json)
+rounds = 6  # R
+steps_per_round = 1000  # S, as the paper's rounds 1-5
+round_lrs = (2e-5, 2e-5, 1e-5, 2e-6, 2e-6, 2e-6)  # paper 4.2; the last value repeats for later rounds
+THRESHOLDS = ((0.05, 0.01), (0.20, -0.01), (0.23, -0.01), (0.23, -0.01), (0.23, -0.01), (0.23, -0.01))  # Table 6: (delta e, delta r) per round; the last repeats
+beta = 0.1  # DPO temperature, as released
+ce_weight = 0.1  # lambda of Eq. 9 (0: plain DPO, the Fig. 3a ablation)
+proxy = True  # merge and re-initialise the LoRA each round (False: keep training one LoRA, Fig. 3b "Direct")
+qa_mix = 0.25  # fraction of QA SFT steps in the last round (4.2)
+samples_per_video = 2  # captions sampled per video
+temperature = 1.0  # sampling temperature
+top_p = 0.9  # nucleus mass, as released
+max_new_tokens = 160  # caption length limit while sampling (1024 for the 7B model)
+lora_r = 128  # the proxy: as the SFT LoRA
+lora_alpha = 256
+lora_dropout = 0.0  # dropout would make the round-start policy differ from its own reference
+lora_targets = ("q_proj", "k_proj", "v_proj")
+trainable = ("lora_",)  # only the proxy trains
+batch_size = 1  # pairs per process per step
+warmup_ratio = 0.03
+weight_decay = 0.0
+grad_clip = 1.0
+judge = "toy"  # toy: the exact toy judge; llm: judge.py against an OpenAI-compatible server
+fps = 1.0
+max_frames = 110
+cache_dir = "out/toy/cache"
+out_dir = "out/toy/mrdpo"
+results = "out/toy/results.json"  # per-round test rates go under "rounds"
+log_every = 10
+ckpt_every = 100
+seed = 2024
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+# -----------------------------------------------------------------------------
+# gDPO (Eq. 9) and the LoRA proxy (Eq. 8): the whole method in one place
+
+
+def gdpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, gt_nll, beta, ce_weight):
+    """Eq. 9 over a batch of pairs: -log sigmoid(beta (log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)))
+    + lambda * CE(y_gt | x), with summed caption log-probs (B,) as the released DPO and the ground-truth
+    cross-entropy as a mean over its tokens (scalar). Returns (loss, dpo, ce, chosen rewards, rejected rewards)."""
+    chosen = beta * (policy_chosen - ref_chosen)  # the implicit rewards of DPO (Rafailov et al., Eq. 5)
+    rejected = beta * (policy_rejected - ref_rejected)
+    dpo = -F.logsigmoid(chosen - rejected).mean()
+    return dpo + ce_weight * gt_nll, dpo, gt_nll, chosen.detach(), rejected.detach()
+
+
+def pair_step(model, pairs, dev, c):
+    """The gDPO loss of a batch of pairs: per video one pass over its prefix, with the chosen, rejected
+    and ground-truth captions as one batch over the prefix's KV cache (model.continuation_logps)."""
+    logps, gt_nll, gt_tokens = [], 0.0, 0
+    for feats, prompt_ids, p in pairs:
+        lp, n = model.continuation_logps(feats, prompt_ids, [p["chosen_ids"], p["rejected_ids"], p["gt_ids"]])
+        logps.append(lp[:2])
+        gt_nll, gt_tokens = gt_nll - lp[2], gt_tokens + n[2]
+    lp = torch.stack(logps)  # (B, 2)
+    ref = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for _, _, p in pairs], device=dev)
+    return gdpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], gt_nll / gt_tokens, c["beta"], c["ce_weight"])
+
+
+def start_round(model, c, t):
+    """Eq. 8 and a fresh proxy: W_t = W_{t-1} + scale * B_{t-1} A_{t-1}, then A Kaiming, B = 0, so the
+    policy equals the round-start model, which is the reference. "Direct" goes on training the one LoRA."""
+    if c["proxy"]:
+        lora.merge_lora(model)
+        lora.reinit_lora(model, torch.Generator().manual_seed(c["seed"] + t))
+
+
+def select_pair(a, b, t, c):
+    """Table 6: the sample with the lower total error is chosen; the pair is kept when it wins by at
+    least delta e in total error and delta r in repetition rate (negative: may repeat a little more)."""
+    chosen, rejected = (a, b) if a["total"] <= b["total"] else (b, a)
+    de, dr = THRESHOLDS[min(t, len(THRESHOLDS)) - 1]
+    keep = rejected["total"] - chosen["total"] >= de and rejected["repetition"] - chosen["repetition"] >= dr
+    return (chosen, rejected) if keep else None
+# -----------------------------------------------------------------------------
+
+
+def jsonl(path):
+    return [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+
+
+def append(path, rec):
+    with open(path, "a") as f:  # one line per record, flushed: a crash loses at most the line being written
+        f.write(json.dumps(rec) + "\n")
+
+
+def judge_sample(text, item, world):
+    """Total error and repetition rate of one sampled caption against the item's atomic events."""
+    j = toy_judge(world.parse_caption(text), [e["key"] for e in item["events"]])
+    n = max(1, j["events"])
+    return {"total": (j["missed"] + j["incorrect"] + j["hallucinated"]) / n, "repetition": repetition_rate(text)}
+
+
+@torch.no_grad()
+def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, world):
+    """Phases 2-3 for this rank's videos, appended to samples_rank{r}.jsonl; finished videos are skipped."""
+    path = os.path.join(rdir, f"samples_rank{rank}.jsonl")
+    done = {r["i"] for r in jsonl(path)}
+    stop, dev = (tok.token_to_id("<|im_end|>"),), next(model.parameters()).device
+    model.eval()
+    for i in range(rank, len(data.items), world_size):
+        if i in done or data.items[i].get("task") != "caption":
+            continue
+        g = torch.Generator(dev).manual_seed(c["seed"] * 1_000_003 + t * 10_007 + i)  # per video: resumes exactly
+        feats, prompt_ids, _ = data.example(i, dev)
+        ids = model.sample(feats, prompt_ids, n=c["samples_per_video"], max_new_tokens=c["max_new_tokens"],
+                           temperature=c["temperature"], top_p=c["top_p"], stop_ids=stop, generator=g)
+        ref, _ = model.continuation_logps(feats, prompt_ids, ids)  # the reference: the round-start model
+        texts = [tok.decode(s, skip_special_tokens=True).strip() for s in ids]
+        judged = [judge_sample(x, data.items[i], world) for x in texts]
+        append(path, {"i": i, "samples": [{"ids": s, "text": x, "ref": r, **j}
+                                          for s, x, r, j in zip(ids, texts, ref.tolist(), judged)]})
+
+
+def round_pairs(rdir, t, c, data):
+    """Phase 4 over every rank's samples: the kept pairs, with the ground-truth caption for the CE term."""
+    pairs = []
+    for name in sorted(f for f in os.listdir(rdir) if f.startswith("samples_rank")):
+        for r in jsonl(os.path.join(rdir, name)):
+            a, b = r["samples"][:2]
+            kept = select_pair(a, b, t, c)
+            if kept:
+                pairs.append({"i": r["i"], "chosen_ids": kept[0]["ids"], "rejected_ids": kept[1]["ids"],
+                              "ref_chosen": kept[0]["ref"], "ref_rejected": kept[1]["ref"], "gt_ids": data.ids[r["i"]][1]})
+    return sorted(pairs, key=lambda p: p["i"])
+
+
+def train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size):
+    """Phase 5: S steps of gDPO on the pairs (QA SFT steps mixed into the last round); resumable."""
+    rc = {**c, "lr": c["round_lrs"][min(t, len(c["round_lrs"])) - 1], "steps": c["steps_per_round"]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=rc["lr"], weight_decay=c["weight_decay"])
+    step, ckpt = 0, os.path.join(rdir, f"ckpt_rank{rank}.pt")
+    if os.path.exists(ckpt):  # resume inside the round: the proxy, the optimizer, the step
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["proxy"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+    last = t == c["rounds"] and qa
+    log = open(os.path.join(rdir, "log.jsonl"), "a") if rank == 0 else None
+    model.eval()  # no dropout anywhere: the policy starts equal to its reference
+    while step < rc["steps"]:
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step, rc)
+        rng = random.Random(c["seed"] * 7919 + t * 1000 + step * world_size + rank)  # the batch is a function of the step
+        with autocast(dev):
+            if last and rng.random() < c["qa_mix"]:  # a QA SFT step (the last round)
+                nll, n = model([data.example(rng.choice(qa), dev) for _ in range(c["batch_size"])])
+                loss, rec = nll / n, {"qa_ce": round((nll / n).item(), 4)}
+            else:
+                batch = [rng.choice(pairs) for _ in range(c["batch_size"])]
+                loss, dpo, ce, cr, rr = pair_step(model, [(*data.example(p["i"], dev)[:2], p) for p in batch], dev, c)
+                rec = {"dpo": round(dpo.item(), 4), "ce": round(ce.item(), 4), "chosen_reward": round(cr.mean().item(), 4),
+                       "rejected_reward": round(rr.mean().item(), 4), "reward_acc": (cr > rr).float().mean().item(),
+                       "margin": round((cr - rr).mean().item(), 4)}
+        if all_sum(torch.tensor(float(torch.isfinite(loss)), device=dev), world_size).item() == world_size:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, c["grad_clip"])
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if log and (step % c["log_every"] == 0 or step == rc["steps"]):
+            log.write(json.dumps({"round": t, "step": step, "loss": round(loss.item(), 4), "lr": rc["lr"], **rec}) + "\n")
+            log.flush()
+        if step % c["ckpt_every"] == 0 and step < rc["steps"]:
+            proxy_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            torch.save({"proxy": proxy_state, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+
+
+def round_model(c, dev, t):
+    """The model at the end of round t (0: the SFT model), rebuilt from files: the SFT model with the
+    proxies of rounds 1..t loaded in turn, each merged (Eq. 8) before the next; "Direct" saves one LoRA."""
+    torch.manual_seed(c["seed"])
+    model, tok = build_model({**c, "activation_checkpointing": False, "llava": "", "arch": {}}, dev)
+    for s in range(1, t + 1):
+        if s > 1 and c["proxy"]:
+            lora.merge_lora(model)
+        lora.load_lora(model, os.path.join(c["out_dir"], f"round{s}", "proxy.safetensors"))
+    return model, tok
+
+
+def evaluate_round(model, tok, c, world, split):
+    items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
+    return caption_scores(world, generate(model, tok, items, True, {**c, "max_new_tokens": c["max_new_tokens"]}), items)
+
+
+def main(c):
+    t_start = time.time()
+    rank, world_size, dev = setup_distributed(c["device"])
+    os.makedirs(c["out_dir"], exist_ok=True)
+    world = toy_world()
+    history = []
+    for t in range(1, c["rounds"] + 1):
+        rdir = os.path.join(c["out_dir"], f"round{t}")
+        os.makedirs(rdir, exist_ok=True)
+        if os.path.exists(os.path.join(rdir, "done.json")):
+            history.append(json.load(open(os.path.join(rdir, "done.json"))))
+            continue
+        model, tok = round_model(c, dev, t - 1)
+        start_round(model, c, t)
+        items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
+        data = Features(model, tok, items, {**c, "use_audio": True}, rank, world_size)
+        sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, world)
+        if world_size > 1:
+            dist.barrier()
+        pairs = round_pairs(rdir, t, c, data)
+        qa = [i for i, it in enumerate(data.items) if it.get("task") == "qa"]
+        if rank == 0:
+            print(f"round {t}: {len(pairs)} pairs kept", flush=True)
+        model = shard(model, world_size, dev)
+        if world_size > 1:  # FSDP gathers the root's parameters around forward and the methods named here
+            register_fsdp_forward_method(model, "continuation_logps")
+        if pairs:
+            train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size)
+        proxy_state = full_state(model, lambda n: "lora_" in n)
+        del model
+        if rank == 0:  # evaluated on one process, with the round's model rebuilt unsharded
+            save_file(proxy_state, os.path.join(rdir, "proxy.safetensors"))
+            model, tok = round_model(c, dev, t)
+            rec = {"round": t, "pairs": len(pairs), "val": evaluate_round(model, tok, c, world, "val"),
+                   **evaluate_round(model, tok, c, world, "test")}
+            json.dump(rec, open(os.path.join(rdir, "done.json"), "w"))
+            history.append(rec)
+            print(f"round {t}: {json.dumps(rec)}", flush=True)
+        if world_size > 1:
+            dist.barrier()
+    if rank == 0:
+        rounds_out = [{"round": h["round"], "miss": h["miss"], "hall": h["hall"], "total": h["total"], "pairs": h["pairs"]} for h in history]
+        merge_results(c["results"], {"rounds": rounds_out}, {"mrdpo": time.time() - t_start})
+
+
+if __name__ == "__main__":
+    main(configure(globals(), sys.argv[1:]))
