@@ -10,10 +10,10 @@ talks to any OpenAI-compatible server: OpenAI itself, or a local vLLM / Ollama s
 the paper found as good a judge for MrDPO training as GPT-3.5 (Appendix B).
 $ export OPENAI_API_KEY=sk-...                                            # OpenAI, gpt-3.5-turbo-0125 by default
 $ export OPENAI_BASE_URL=http://127.0.0.1:8000/v1 JUDGE_MODEL=Qwen/Qwen3-4B  # or a local server
->>> judge = JudgeClient()
->>> events = judge.decompose(reference_caption)           # the GPT-4o role: a reference caption -> atomic events
->>> judge.judge(caption, events)                          # the GPT-3.5 role: {"events", "missed", "incorrect", ...}
->>> median_of_runs(judge, items)                          # the released benchmark protocol: 7 seeds, median Total
+>>> client = JudgeClient()
+>>> events = client.decompose(reference_caption)          # the GPT-4o role: a reference caption -> atomic events
+>>> client.judge(caption, events)                         # the GPT-3.5 role: {"events", "missed", "incorrect", ...}
+>>> median_of_runs(client, items)                         # the released benchmark protocol: 7 seeds, median Total
 Every answer is kept in an SQLite file (out/judge_cache.sqlite), so no paid request is ever made twice.
 """
 import ast
@@ -81,10 +81,10 @@ SNIPPET_CHARS = 160  # how much of a bad answer or error an error message quotes
 MAX_BRACKETS = 8  # _literal tries the first 8 openings with the last 8 closings, so a runaway answer costs little
 REPETITION_N = 4  # word n-gram length of repetition_rate
 LOOP_RULES = ((range(1, 50), 5), (range(50, 100), 4))  # reduce_repeated_words: (substring lengths, copies in a row)
-MAX_LOOP_COPIES = 201  # the released regex's {k,200}: longer runs lose 201 copies per pass
+MAX_LOOP_COPIES = 201  # the released regex's {k,200}: a longer run becomes one copy per 201
 
-# The released judge prompts, verbatim (typos included: the numbers are comparable to the paper's only with the same
-# prompt). The events go in as a Python list (str of the list), as in the released code.
+# The released judge prompts, verbatim (typos and the space after "list them out." included: the numbers are comparable
+# to the paper's only with the same prompt). The events go in as a Python list (str of the list), as in the released code.
 JUDGE_SYSTEM = '''
 ### Task:
 A good video description is one that describes the various details in the video. You task is to judge whether a video description is good or not. You will be provided all the base events in the video, and also a video description to be evaluated. You need to determine which video events are described in the given video description.
@@ -216,7 +216,8 @@ class AnswerCache:
         self.lock = threading.Lock()
         with self.lock:
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, request TEXT NOT NULL, answer TEXT NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS answers "
+                            "(key TEXT PRIMARY KEY, request TEXT NOT NULL, answer TEXT NOT NULL)")
             self.db.commit()
 
     @staticmethod
@@ -302,7 +303,7 @@ class JudgeClient:
             except ValueError as e:
                 # the same seed would give the same answer again
                 failures, seed = failures + int(fresh), seed + 1
-                kind, detail = "judge answer did not parse", f"{e}: {_one_line(answer)!r}"
+                kind, detail = "judge answer did not parse", f"{_one_line(e)}: {_one_line(answer)!r}"
         raise JudgeError(f"{name}: {kind} after {failures} attempts: {detail}")
 
     def decompose(self, caption, seed=SEED, name="caption"):
@@ -344,7 +345,8 @@ class JudgeClient:
 def median_of_runs(client, items, runs=RUNS, seed=SEED, workers=WORKERS):
     """The released benchmark protocol: judge the whole set runs times, with seeds seed, seed + 1, ..., and report the
     run whose corpus-level Total is the median (index runs // 2 of the runs sorted by Total). Each run's rates are over
-    the items judged in that run, as in the released eval.py. Returns that run's {"seed", "miss", "hall", "total",
+    the items judged in that run, as in the released eval.py (there too a re-ask after a bad answer takes the next
+    seed, which a later run may share). Returns that run's {"seed", "miss", "hall", "total",
     "results", "errors"}, plus "runs": {"seed", "miss", "hall", "total"} of every run in seed order."""
     done = []
     for r in range(runs):

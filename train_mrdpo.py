@@ -202,7 +202,7 @@ def train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size):
         opt.zero_grad(set_to_none=True)
         step += 1
         if log and (step % c["log_every"] == 0 or step == rc["steps"]):
-            log.write(json.dumps({"round": t, "step": step, "loss": round(loss.item(), 4), "lr": rc["lr"], **rec}) + "\n")
+            log.write(json.dumps({"round": t, "step": step, "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"], **rec}) + "\n")
             log.flush()
         if step % c["ckpt_every"] == 0 and step < rc["steps"]:
             proxy_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

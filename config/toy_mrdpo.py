@@ -1,0 +1,14 @@
+# Toy MrDPO: the paper's rounds on the toy SFT model, with the exact toy judge. Learning rates keep the
+# paper's schedule shape (2e-5, 2e-5, 1e-5, then 2e-6), scaled up by 25 as the toy SFT's LoRA was.
+init_from = "out/toy/sft/final"
+rounds = 6
+steps_per_round = 40
+round_lrs = (5e-4, 5e-4, 2.5e-4, 5e-5, 5e-5, 5e-5)
+lora_r = 16  # as the toy SFT LoRA
+lora_alpha = 32
+batch_size = 8
+max_new_tokens = 120
+log_every = 10
+ckpt_every = 20
+out_dir = "out/toy/mrdpo"
+cache_dir = "out/toy/cache"
