@@ -14,18 +14,20 @@ setup: .venv/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
-# the toy world: data (regenerated only when its generator changes), then every stage and its evaluation
+# the toy world: data (regenerated only when its generator changes), then every stage and its evaluation,
+# then the MrDPO rounds (each evaluated on the test split)
 $(TOY)/train.jsonl: $(TOY)/prepare.py | setup
 	$(PY) $(TOY)/prepare.py
 
 toy: setup $(TOY)/train.jsonl
-	rm -rf out/toy/results.json out/toy/base out/toy/align out/toy/sft
+	rm -rf out/toy/results.json out/toy/base out/toy/align out/toy/sft out/toy/mrdpo
 	$(PY) train_sft.py config/toy_base.py
 	$(PY) eval.py --stage=base --ckpt=out/toy/base/final
 	$(PY) train_align.py config/toy_align.py
 	$(PY) eval.py --stage=align --ckpt=out/toy/align/final
 	$(PY) train_sft.py config/toy_sft.py
 	$(PY) eval.py --stage=sft --ckpt=out/toy/sft/final
+	$(PY) train_mrdpo.py config/toy_mrdpo.py
 	@cat out/toy/results.json
 
 clean:

@@ -48,6 +48,8 @@ ce_weight = 0.1  # lambda of Eq. 9 (0: plain DPO, the Fig. 3a ablation)
 proxy = True  # merge and re-initialise the LoRA each round (False: keep training one LoRA, Fig. 3b "Direct")
 qa_mix = 0.25  # fraction of QA SFT steps in the last round (4.2)
 samples_per_video = 2  # captions sampled per video
+videos_per_round = 0  # videos sampled each round (0: all); a different seeded subset every round
+val_items = 0  # validation captions evaluated after each round (0: all)
 temperature = 1.0  # sampling temperature
 top_p = 0.9  # nucleus mass, as released
 max_new_tokens = 160  # caption length limit while sampling (1024 for the 7B model)
@@ -139,8 +141,11 @@ def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, world):
     done = {r["i"] for r in jsonl(path)}
     stop, dev = (tok.token_to_id("<|im_end|>"),), next(model.parameters()).device
     model.eval()
-    for i in range(rank, len(data.items), world_size):
-        if i in done or data.items[i].get("task") != "caption":
+    videos = [i for i, it in enumerate(data.items) if it.get("task") == "caption"]
+    if c["videos_per_round"]:
+        videos = sorted(random.Random(c["seed"] + t).sample(videos, min(c["videos_per_round"], len(videos))))
+    for i in videos[rank::world_size]:
+        if i in done:
             continue
         g = torch.Generator(dev).manual_seed(c["seed"] * 1_000_003 + t * 10_007 + i)  # per video: resumes exactly
         feats, prompt_ids, _ = data.example(i, dev)
@@ -224,6 +229,7 @@ def round_model(c, dev, t):
 
 def evaluate_round(model, tok, c, world, split):
     items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
+    items = items[:c["val_items"]] if split == "val" and c["val_items"] else items
     return caption_scores(world, generate(model, tok, items, True, {**c, "max_new_tokens": c["max_new_tokens"]}), items)
 
 

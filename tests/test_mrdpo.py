@@ -139,7 +139,7 @@ def mrdpo_config(toy, out, **kw):
     c = dict(init_from=str(toy / "sft" / "final"), tokenizer="", train_data=str(d / "train.jsonl"),
              val_data=str(d / "val.jsonl"), test_data=str(d / "test.jsonl"), rounds=2, steps_per_round=4,
              round_lrs=(1e-2, 1e-2), beta=0.1, ce_weight=0.1, proxy=True, qa_mix=0.5, samples_per_video=2,
-             temperature=1.5, top_p=1.0, max_new_tokens=16, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+             temperature=1.5, top_p=1.0, max_new_tokens=16, videos_per_round=0, val_items=1, lora_r=4, lora_alpha=8, lora_dropout=0.0,
              lora_targets=("q_proj", "k_proj", "v_proj"), trainable=("lora_",), batch_size=2, warmup_ratio=0.0,
              weight_decay=0.0, grad_clip=1.0, judge="toy", fps=1.0, max_frames=110, cache_dir=str(toy / "cache"),
              out_dir=str(out), results=str(out / "results.json"), log_every=1, ckpt_every=2,
