@@ -30,7 +30,7 @@ import lora
 from config import configure
 from data import encode_prompt, read_manifest
 from eval import caption_scores, generate, merge_results, toy_world
-from judge import repetition_rate, toy_judge
+from judge import JudgeClient, repetition_rate, toy_judge
 from train_sft import Features, all_sum, autocast, build_model, full_state, lr_at, setup_distributed, shard
 
 # -----------------------------------------------------------------------------
@@ -62,7 +62,7 @@ batch_size = 1  # pairs per process per step
 warmup_ratio = 0.03
 weight_decay = 0.0
 grad_clip = 1.0
-judge = "toy"  # toy: the exact toy judge; llm: judge.py against an OpenAI-compatible server
+judge = "toy"  # toy: the exact toy judge; llm: judge.JudgeClient (OPENAI_BASE_URL, OPENAI_API_KEY, JUDGE_MODEL)
 fps = 1.0
 max_frames = 110
 cache_dir = "out/toy/cache"
@@ -127,16 +127,22 @@ def append(path, rec):
         f.write(json.dumps(rec) + "\n")
 
 
-def judge_sample(text, item, world):
-    """Total error and repetition rate of one sampled caption against the item's atomic events."""
-    j = toy_judge(world.parse_caption(text), [e["key"] for e in item["events"]])
+def judge_sample(text, item, judge, finished):
+    """Total error and repetition rate of one sampled caption against the item's atomic events: judge is
+    the toy world (exact) or a judge.JudgeClient; an unfinished caption is de-looped first, as released."""
+    if isinstance(judge, JudgeClient):
+        events = [e["text"] if isinstance(e, dict) else e for e in item["events"]]
+        j = judge.judge(text, events, truncated=not finished, name=item.get("id", item["line"]))
+    else:
+        j = toy_judge(judge.parse_caption(text), [e["key"] for e in item["events"]])
     n = max(1, j["events"])
     return {"total": (j["missed"] + j["incorrect"] + j["hallucinated"]) / n, "repetition": repetition_rate(text)}
 
 
 @torch.no_grad()
-def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, world):
-    """Phases 2-3 for this rank's videos, appended to samples_rank{r}.jsonl; finished videos are skipped."""
+def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge):
+    """Phases 2-3 for this rank's videos, appended to samples_rank{r}.jsonl; finished videos are skipped.
+    The LLM judge's answers are cached, so a crash while judging asks nothing twice."""
     path = os.path.join(rdir, f"samples_rank{rank}.jsonl")
     done = {r["i"] for r in jsonl(path)}
     stop, dev = (tok.token_to_id("<|im_end|>"),), next(model.parameters()).device
@@ -153,7 +159,7 @@ def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, world):
                            temperature=c["temperature"], top_p=c["top_p"], stop_ids=stop, generator=g)
         ref, _ = model.continuation_logps(feats, prompt_ids, ids)  # the reference: the round-start model
         texts = [tok.decode(s, skip_special_tokens=True).strip() for s in ids]
-        judged = [judge_sample(x, data.items[i], world) for x in texts]
+        judged = [judge_sample(x, data.items[i], judge, s[-1] in stop) for x, s in zip(texts, ids)]
         append(path, {"i": i, "samples": [{"ids": s, "text": x, "ref": r, **j}
                                           for s, x, r, j in zip(ids, texts, ref.tolist(), judged)]})
 
@@ -237,7 +243,8 @@ def main(c):
     t_start = time.time()
     rank, world_size, dev = setup_distributed(c["device"])
     os.makedirs(c["out_dir"], exist_ok=True)
-    world = toy_world()
+    world = toy_world()  # per-round evaluation on the toy test split, and the exact judge
+    llm_judge = JudgeClient(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite")) if c["judge"] == "llm" else None
     history = []
     for t in range(1, c["rounds"] + 1):
         rdir = os.path.join(c["out_dir"], f"round{t}")
@@ -249,7 +256,7 @@ def main(c):
         start_round(model, c, t)
         items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
         data = Features(model, tok, items, {**c, "use_audio": True}, rank, world_size)
-        sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, world)
+        sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, world if c["judge"] == "toy" else llm_judge)
         if world_size > 1:
             dist.barrier()
         pairs = round_pairs(rdir, t, c, data)
