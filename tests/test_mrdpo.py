@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import lora
 import train_mrdpo
 from test_av_model import tiny_model
+from test_judge import server  # noqa: F401  the fake OpenAI-compatible server fixture
 from train_mrdpo import gdpo_loss, pair_step, select_pair, start_round
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,3 +179,21 @@ def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch):
     for k, v in load_file(str(out / "round2" / "proxy.safetensors")).items():
         assert torch.allclose(v, proxy2[k], atol=1e-6), k
     shutil.rmtree(out)
+
+
+def test_a_round_judged_by_the_llm_judge(toy, tmp_path, monkeypatch, server):
+    """judge = "llm": every sample is rated by an OpenAI-compatible server (here a fake one on 127.0.0.1
+    that counts each caption sentence as a hallucination), and those ratings pick the pairs."""
+    from test_judge import answer_text, caption_of
+    server.answer = lambda body: answer_text(hallucinated=caption_of(body).count("."))
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    monkeypatch.setattr(train_mrdpo, "THRESHOLDS", ((0.0, -1.0),))
+    out = tmp_path / "llm"
+    train_mrdpo.main(mrdpo_config(toy, out, rounds=1, steps_per_round=1, judge="llm"))
+    records = [json.loads(x) for x in (out / "round1" / "samples_rank0.jsonl").read_text().splitlines()]
+    assert len(server.requests) == 2 * len(records) == 16
+    items = [json.loads(x) for x in (toy / "data" / "train.jsonl").read_text().splitlines()]  # as data.items
+    for r in records:
+        for s in r["samples"]:
+            assert s["total"] == pytest.approx(s["text"].count(".") / len(items[r["i"]]["events"]))
