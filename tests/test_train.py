@@ -131,3 +131,27 @@ def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
                                          "final_linear.")) for k in changed)  # only the aligner trained
     log = [json.loads(x) for x in (tmp_path / "align" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all({"loss", "lr", "tok/s"} <= r.keys() for r in log)
+
+
+def test_toy_stages_and_results_json(tmp_path):
+    """The make toy chain on the small toy world: each stage trains a few steps and its evaluation
+    lands in results.json under the keys that external checks read."""
+    d = tmp_path / "toyav"
+    run(["data/toyav/prepare.py", "--small", "--out", str(d)])
+    res = tmp_path / "results.json"
+    common = [f"--cache_dir={tmp_path / 'cache'}", "--steps=2", "--batch_size=2", "--val_data="]
+    stages = [("train_sft.py", "config/toy_base.py", "base", f"--tokenizer={d / 'tokenizer.json'}",
+               f"--train_data={d / 'base_train.jsonl'},{d / 'text_train.jsonl'}"),
+              ("train_align.py", "config/toy_align.py", "align", f"--init_from={tmp_path / 'base' / 'final'}",
+               f"--train_data={d / 'align_train.jsonl'}"),
+              ("train_sft.py", "config/toy_sft.py", "sft", f"--init_from={tmp_path / 'align' / 'final'}",
+               f"--train_data={d / 'train.jsonl'}")]
+    for script, cfg, stage, *args in stages:
+        run([script, cfg, *common, *args, f"--out_dir={tmp_path / stage}"])
+        run(["eval.py", f"--stage={stage}", f"--ckpt={tmp_path / stage / 'final'}", f"--data_dir={d}", f"--results={res}",
+             f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
+    r = json.loads(res.read_text())
+    assert set(r["seconds"]) == {"prepare", "base", "align", "sft"} and all(v > 0 for v in r["seconds"].values())
+    assert {"total", "miss", "hall"} <= set(r["base"]) and "asr_wer" in r["align"]
+    assert {"miss", "hall", "total", "qa_acc", "accuracy"} <= set(r["sft"]) and 0 <= r["sft"]["qa_acc"] <= 1
+    assert set(r["sft"]["accuracy"]) <= {"visual", "sound", "speech"}
