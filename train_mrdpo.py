@@ -28,7 +28,7 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 
 import lora
 from config import configure
-from data import encode_prompt, read_manifest
+from data import read_manifest
 from eval import caption_scores, generate, merge_results, toy_world
 from judge import JudgeClient, repetition_rate, toy_judge
 from train_sft import Features, all_sum, autocast, build_model, full_state, lr_at, setup_distributed, shard
@@ -280,7 +280,13 @@ def main(c):
             print(f"round {t}: {json.dumps(rec)}", flush=True)
         if world_size > 1:
             dist.barrier()
-    if rank == 0:
+    if rank == 0:  # out_dir/final: the last round's model, its LoRA merged, in the released layout
+        model, tok = round_model(c, dev, c["rounds"])
+        lora.merge_lora(model)
+        final = os.path.join(c["out_dir"], "final")
+        model.save_pretrained(final, {n: p for n, p in model.state_dict().items() if "lora_" not in n})
+        tok.save(os.path.join(final, "tokenizer.json"))
+        json.dump({**c, "seconds": round(time.time() - t_start, 1)}, open(os.path.join(final, "train_config.json"), "w"), indent=1)
         rounds_out = [{"round": h["round"], "miss": h["miss"], "hall": h["hall"], "total": h["total"], "pairs": h["pairs"]} for h in history]
         merge_results(c["results"], {"rounds": rounds_out}, {"mrdpo": time.time() - t_start})
 

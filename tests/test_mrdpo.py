@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import lora
 import train_mrdpo
+from model import VideoSALMONN2
 from test_av_model import tiny_model
 from test_judge import server  # noqa: F401  the fake OpenAI-compatible server fixture
 from train_mrdpo import gdpo_loss, pair_step, select_pair, start_round
@@ -157,6 +158,10 @@ def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in res["rounds"]] == [1, 2] and all(r["pairs"] == 8 for r in res["rounds"])
     assert "mrdpo" in res["seconds"]
+    final = VideoSALMONN2.from_pretrained(out / "final")  # the merged model equals round 2's
+    model, _ = train_mrdpo.round_model(c, torch.device("cpu"), 2)
+    idx = torch.randint(0, 50, (1, 12))
+    assert torch.allclose(logits_of(final, idx), logits_of(model.eval(), idx), atol=1e-5)
     logs = [json.loads(x) for x in (out / "round2" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 4 and {"dpo", "ce", "chosen_reward", "rejected_reward", "reward_acc", "margin"} <= set(logs[0])
     proxy2 = load_file(str(out / "round2" / "proxy.safetensors"))
