@@ -155,3 +155,14 @@ def test_toy_stages_and_results_json(tmp_path):
     assert {"total", "miss", "hall"} <= set(r["base"]) and "asr_wer" in r["align"]
     assert {"miss", "hall", "total", "qa_acc", "accuracy"} <= set(r["sft"]) and 0 <= r["sft"]["qa_acc"] <= 1
     assert set(r["sft"]["accuracy"]) <= {"visual", "sound", "speech"}
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(world, tmp_path):
+    """An absurd learning rate sends the weights to inf: every later step is skipped and logged, and
+    max_bad_steps of them in a row end the run with a clear message instead of training on garbage."""
+    cfg = write_config(tmp_path / "nan.py", world, tmp_path / "nan", steps=20, lr=1e30, warmup_ratio=0.0, grad_clip=0.0,
+                       max_bad_steps=3)
+    out = subprocess.run([sys.executable, "train_sft.py", cfg], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode != 0
+    assert "3 non-finite losses in a row" in out.stderr + out.stdout
+    assert (out.stdout + out.stderr).count("non-finite loss, step skipped") == 3
