@@ -5,18 +5,28 @@ The toy world (make toy runs these after each stage and gathers the numbers in o
 $ python eval.py --stage=base --ckpt=out/toy/base/final    # visual captions of the visual base: Miss / Hall / Total
 $ python eval.py --stage=align --ckpt=out/toy/align/final  # ASR word error rate after audio alignment
 $ python eval.py --stage=sft --ckpt=out/toy/sft/final      # AV captions by event type, Miss / Hall / Total, QA accuracy
+
+The paper's benchmarks (per-item JSON, and the metrics merged into out_dir/results.json):
+$ python eval.py --task=captions --ckpt=DIR --manifest=testset.jsonl  # Miss / Hall / Total by the LLM judge (4.2, App. F)
+$ python eval.py --task=qa --ckpt=DIR --manifest=videomme.jsonl       # multiple-choice accuracy, Video-MME prompt
+$ python eval.py --task=qa_from_captions --ckpt=DIR --manifest=videomme.jsonl   # a text LLM answers from captions (5.3)
+$ python eval.py --task=qa_from_captions --captions=out/eval/predictions.json --manifest=videomme.jsonl
+$ python eval.py --task=elo --matches=prefs.jsonl                     # Elo ratings of pairwise preferences (App. G)
+The LLM judge and the QA LLM are any OpenAI-compatible server: OPENAI_BASE_URL, OPENAI_API_KEY (judge.py).
 """
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from config import configure
 from data import encode_prompt, load_tokenizer, media_features, read_manifest
-from judge import rates, toy_judge
+from judge import SEED, JudgeClient, JudgeError, median_of_runs, rates, toy_judge
 from model import VideoSALMONN2
 
 # -----------------------------------------------------------------------------
@@ -31,7 +41,30 @@ fps = 1.0  # frames per second sampled
 max_frames = 110  # frames at most
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+# the paper's benchmarks
+task = ""  # captions | qa | qa_from_captions | elo; empty: the toy evaluation of `stage`
+manifest = ""  # JSONL: the released test-set format (captions), or items with an "answer" letter (qa tasks)
+out_dir = "out/eval"  # per-item JSON, the released predictions format, and results.json
+captions = ""  # qa_from_captions: a predictions file [{"id": [video], "pred": ...}] to use instead of generating
+matches = ""  # elo: JSONL of pairwise preferences {"a": model, "b": model, "winner": "a" | "b" | "tie"}
+caption_tokens = 1024  # longest benchmark caption, as the released eval
+answer_tokens = 8  # new tokens of a multiple-choice answer: a letter, maybe with a word or two around it
+use_audio = True  # False for a visual-only model (the visual base)
+caption_prompt = ("Give a detailed account of everything in the video, capturing all the specifics. While doing so, "
+                  "also include as much information from the audio as possible, ensuring that the descriptions of "
+                  "audio and video are well-synchronized.")  # qa_from_captions' captions: the released demo prompt
+judge_model = ""  # the caption judge; empty: env JUDGE_MODEL, else gpt-3.5-turbo-0125 (judge.py)
+qa_model = "gpt-4o"  # the text LLM answering from captions, GPT-4o in the paper's Table 3
+judge_cache = "out/judge_cache.sqlite"  # every LLM answer, so that no request is paid for twice
+workers = 8  # concurrent LLM requests
 # -----------------------------------------------------------------------------
+JUDGE_RUNS = 7  # the released protocol: the whole set judged with 7 seeds, the median-Total run reported
+QA_PROMPT = ("Select the best answer to the following multiple-choice question based on the video. Respond with only "
+             "the letter (A, B, C, or D) of the correct option.\n{question}\n{options}\nThe best answer is:")  # 2+'s Video-MME prompt
+# ours: the paper does not give the prompt of 5.3, so the QA prompt is asked of the description instead of the video
+CAPTION_QA_PROMPT = "Here is a detailed description of a video, of what is seen and what is heard:\n\n{caption}\n\n{question}"
+LETTER = re.compile(r"\b([A-D])\b")  # a standalone option letter: "B", "B.", "(B)", "The answer is B"
+ELO_INITIAL, ELO_BASE, ELO_SCALE, ELO_K = 1000, 10, 400, 8  # Table 9
 
 
 def toy_world():
@@ -43,8 +76,9 @@ def toy_world():
 
 
 @torch.no_grad()
-def generate(model, tok, items, use_audio, c, n=1, **sampling):
-    """Greedy (or sampled, with sampling kwargs) answers of the model to the items' prompts."""
+def generate(model, tok, items, use_audio, c, n=1, finished=False, **sampling):
+    """Greedy (or sampled, with sampling kwargs) answers of the model to the items' prompts; with finished=True each
+    answer is (text, whether it ended with <|im_end|> rather than at the token limit)."""
     cfg, p = model.cfg, next(model.parameters())
     prep = dict(fps=c["fps"], max_frames=c["max_frames"], image_size=cfg.vision.image_size,
                 n_mels=cfg.whisper.num_mel_bins, segment_seconds=cfg.segment_seconds)
@@ -56,6 +90,8 @@ def generate(model, tok, items, use_audio, c, n=1, **sampling):
         ids = model.sample(feats, encode_prompt(tok, it["prompt"]), n=n, max_new_tokens=c["max_new_tokens"],
                            greedy=not sampling, stop_ids=stop, **sampling)
         texts = [tok.decode(s, skip_special_tokens=True).strip() for s in ids]
+        if finished:
+            texts = [(t, bool(s) and s[-1] in stop) for t, s in zip(texts, ids)]
         outputs.append(texts if n > 1 else texts[0])
     return outputs
 
@@ -100,7 +136,7 @@ def toy_metrics(model, tok, c):
     if not base:
         qa = pick([it for it in test if it["task"] == "qa"])
         answers = generate(model, tok, qa, True, c)
-        out["qa_acc"] = sum(a.strip()[:1] == it["answer"] for a, it in zip(answers, qa)) / max(1, len(qa))
+        out["qa_acc"] = sum(extract_letter(a) == it["answer"] for a, it in zip(answers, qa)) / max(1, len(qa))
     return out
 
 
@@ -116,11 +152,189 @@ def merge_results(path, metrics, seconds):
     return res
 
 
+# -----------------------------------------------------------------------------
+# the paper's benchmarks
+
+
+def video_id(path, c):
+    """A video as the manifest names it (relative to the manifest): the released predictions' "id"."""
+    return os.path.relpath(path, os.path.dirname(os.path.abspath(c["manifest"])))
+
+
+def write_json(c, name, obj):
+    os.makedirs(c["out_dir"], exist_ok=True)
+    with open(os.path.join(c["out_dir"], name), "w") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+
+
+def write_predictions(c, videos, texts):
+    """The released predictions format, which --task=qa_from_captions --captions=... reads back."""
+    write_json(c, "predictions.json", [{"id": [video_id(v, c)], "pred": t} for v, t in zip(videos, texts)])
+
+
+def percent_row(name, r):
+    return f"{name:<12}{100 * r['miss']:>7.1f}{100 * r['hall']:>7.1f}{100 * r['total']:>8.1f}"
+
+
+def caption_benchmark(model, tok, c):
+    """The released caption benchmark: a greedy caption per video, judged JUDGE_RUNS times against the atomic events
+    with seeds SEED, SEED + 1, ...; the run with the median Total is reported, its rates over the items it judged."""
+    items = [it for it in read_manifest(c["manifest"]) if it.get("events")][:c["limit"] or None]
+    outs = generate(model, tok, items, c["use_audio"], {**c, "max_new_tokens": c["caption_tokens"]}, finished=True)
+    ids = [str(it.get("id") or video_id(it["video"], c)) for it in items]
+    client = JudgeClient(c["judge_model"] or None, cache_path=c["judge_cache"])
+    try:  # a toy manifest's events are dicts with their sentence under "text"
+        run = median_of_runs(client, [{"id": i, "caption": text, "truncated": not ended,
+                                       "events": [e["text"] if isinstance(e, dict) else e for e in it["events"]]}
+                                      for i, it, (text, ended) in zip(ids, items, outs)], JUDGE_RUNS, workers=c["workers"])
+    finally:
+        client.close()
+    judged = {r["id"]: r for r in run["results"]}
+    write_json(c, "captions.json", [{"id": i, "video": video_id(it["video"], c), "prompt": it["prompt"], "prediction": text,
+                                     "truncated": not ended, **judged.get(i, {"error": run["errors"].get(i)})}
+                                    for i, it, (text, ended) in zip(ids, items, outs)])
+    write_predictions(c, [it["video"] for it in items], [text for text, _ in outs])
+    print(f"captions: {len(items)} videos, {sum(not e for _, e in outs)} truncated; judge {client.model}, "
+          f"{JUDGE_RUNS} runs; rates over the {len(judged)} of {len(items)} items judged in the median run")
+    print(f"{'seed':<12}{'Miss%':>7}{'Hall%':>7}{'Total%':>8}")
+    for r in run["runs"]:
+        print(percent_row(f"    {r['seed']}", r))
+    print(percent_row(f"median {run['seed']}", run))
+    if run["errors"]:
+        print(f"the judge failed on {len(run['errors'])} item(s) in the median run, left out of its rates:")
+        print("\n".join(f"  {e}" for e in run["errors"].values()))
+    return {k: run[k] for k in ("miss", "hall", "total", "seed", "runs")} | {"judged": len(judged), "items": len(items)}
+
+
+def options_text(options):
+    """Video-MME lists its options as "A. ..."; bare options get their letters."""
+    return "\n".join(o if re.match(r"[A-D]\. ", o) else f"{l}. {o}" for l, o in zip("ABCD", options))
+
+
+def read_qa(path):
+    """The multiple-choice items (those with an "answer" letter) of a JSONL manifest, media paths made absolute. An item
+    keeps its prompt (the toy's hold the Video-MME prompt already); one with "question" and "options" gets QA_PROMPT."""
+    root, items = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for line in f:
+            it = json.loads(line) if line.strip() else {}
+            if "answer" in it:
+                if "prompt" not in it:
+                    it["prompt"] = QA_PROMPT.format(question=it["question"], options=options_text(it["options"]))
+                it["video"] = os.path.join(root, it["video"])
+                items.append(it)
+    return items
+
+
+def extract_letter(text):
+    """The first standalone A-D of an answer ("B", "B.", "(B)", "The answer is B"); None if it has none."""
+    m = LETTER.search(text)
+    return m.group(1) if m else None
+
+
+def qa_report(c, name, items, answers):
+    """Accuracy over all the items, an answer without a letter counting as wrong; per-item JSON in out_dir/{name}.json."""
+    letters = [extract_letter(a) for a in answers]
+    right = sum(l == it["answer"] for l, it in zip(letters, items))
+    write_json(c, f"{name}.json", [{"id": it.get("id", video_id(it["video"], c)), "video": video_id(it["video"], c),
+                                    "prompt": it["prompt"], "prediction": a, "letter": l, "answer": it["answer"],
+                                    "correct": l == it["answer"]} for it, a, l in zip(items, answers, letters)])
+    print(f"{name}: accuracy {100 * right / max(1, len(items)):.1f}% ({right} of {len(items)} items; "
+          f"{letters.count(None)} answers without a letter counted wrong)")
+    return {"accuracy": right / max(1, len(items)), "items": len(items), "no_letter": letters.count(None)}
+
+
+def qa_benchmark(model, tok, c):
+    items = read_qa(c["manifest"])[:c["limit"] or None]
+    answers = generate(model, tok, items, c["use_audio"], {**c, "max_new_tokens": c["answer_tokens"]})
+    return qa_report(c, "qa", items, answers)
+
+
+def parse_letter(answer):
+    if extract_letter(answer) is None:
+        raise ValueError("no option letter A-D in the answer")  # the client re-asks with the next seed
+    return answer
+
+
+def qa_from_captions(model, tok, c):
+    """Paper 5.3: a text LLM (qa_model) answers each question from the caption of its video alone."""
+    items = read_qa(c["manifest"])[:c["limit"] or None]
+    videos = list(dict.fromkeys(it["video"] for it in items))
+    if c["captions"]:
+        preds = {p["id"][0]: p["pred"] for p in json.load(open(c["captions"]))}
+        if missing := [video_id(v, c) for v in videos if video_id(v, c) not in preds]:
+            raise SystemExit(f"{c['captions']}: no caption of {len(missing)} videos, e.g. {missing[0]}")
+        caps = {v: preds[video_id(v, c)] for v in videos}
+    else:
+        texts = generate(model, tok, [{"video": v, "prompt": c["caption_prompt"]} for v in videos], c["use_audio"],
+                         {**c, "max_new_tokens": c["caption_tokens"]})
+        write_predictions(c, videos, texts)
+        caps = dict(zip(videos, texts))
+    client = JudgeClient(c["qa_model"], cache_path=c["judge_cache"])
+
+    def ask(it):  # the video's own prompt, asked of its description
+        question = it["prompt"].replace("based on the video", "based on the description of the video")
+        messages = [{"role": "user", "content": CAPTION_QA_PROMPT.format(caption=caps[it["video"]], question=question)}]
+        try:
+            return client.ask(messages, parse_letter, SEED, f"item {it.get('id', video_id(it['video'], c))}")
+        except JudgeError as e:
+            return e
+    try:
+        with ThreadPoolExecutor(max_workers=c["workers"]) as pool:
+            outs = list(pool.map(ask, items))
+    finally:
+        client.close()
+    failed = [str(o) for o in outs if isinstance(o, JudgeError)]
+    out = qa_report(c, "qa_from_captions", items, ["" if isinstance(o, JudgeError) else o for o in outs])
+    if failed:
+        print(f"the LLM ({client.model}) failed on {len(failed)} item(s), counted wrong:")
+        print("\n".join(f"  {e}" for e in failed))
+    return out | {"failed": len(failed)}
+
+
+def elo(matches, k=ELO_K, base=ELO_BASE, scale=ELO_SCALE, initial=ELO_INITIAL):
+    """Sequential Elo ratings {name: rating} of pairwise matches {"a", "b", "winner": "a" | "b" | "tie"}, taken in
+    order: each moves the two ratings by k * (score - expected score), expected = 1 / (1 + base ** (diff / scale))."""
+    ratings = {}
+    for m in matches:
+        ra, rb = ratings.setdefault(m["a"], initial), ratings.setdefault(m["b"], initial)
+        delta = k * ({"a": 1.0, "b": 0.0, "tie": 0.5}[m["winner"]] - 1 / (1 + base ** ((rb - ra) / scale)))
+        ratings[m["a"]], ratings[m["b"]] = ra + delta, rb - delta
+    return ratings
+
+
+def elo_table(c):
+    with open(c["matches"]) as f:
+        games = [json.loads(line) for line in f if line.strip()]
+    ratings = elo(games)
+    played = {name: sum(name in (g["a"], g["b"]) for g in games) for name in ratings}
+    print(f"elo: {len(games)} matches, Table 9 parameters (initial {ELO_INITIAL}, base {ELO_BASE}, scale {ELO_SCALE}, K {ELO_K})")
+    for name, r in sorted(ratings.items(), key=lambda kv: -kv[1]):
+        print(f"{name:<32}{r:>8.1f}{played[name]:>6} matches")
+    return ratings
+
+
+def load_model(c):
+    return VideoSALMONN2.from_pretrained(c["ckpt"], getattr(torch, c["dtype"]), c["device"]).eval(), load_tokenizer(c["ckpt"])
+
+
+def run_task(c):
+    if c["task"] == "elo":
+        return elo_table(c)
+    tasks = {"captions": caption_benchmark, "qa": qa_benchmark, "qa_from_captions": qa_from_captions}
+    if c["task"] not in tasks:
+        raise SystemExit(f"unknown task {c['task']!r}: captions, qa, qa_from_captions or elo")
+    from_file = c["task"] == "qa_from_captions" and c["captions"]  # answering from a predictions file needs no model
+    return tasks[c["task"]](*((None, None) if from_file else load_model(c)), c)
+
+
 def main(argv):
     c = configure(globals(), argv)
     t0 = time.time()
-    model = VideoSALMONN2.from_pretrained(c["ckpt"], getattr(torch, c["dtype"]), c["device"]).eval()
-    tok = load_tokenizer(c["ckpt"])
+    if c["task"]:
+        merge_results(os.path.join(c["out_dir"], "results.json"), {c["task"]: run_task(c)}, {c["task"]: time.time() - t0})
+        return
+    model, tok = load_model(c)
     metrics = toy_metrics(model, tok, c)
     with open(os.path.join(c["ckpt"], "train_config.json")) as f:
         train_seconds = json.load(f).get("seconds", 0.0)
@@ -130,7 +344,6 @@ def main(argv):
         seconds["prepare"] = json.load(open(meta))["seconds"]
     merge_results(c["results"], {c["stage"]: metrics}, seconds)
     print(f"{c['stage']}: {json.dumps(metrics)}")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

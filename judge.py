@@ -274,7 +274,7 @@ class JudgeClient:
             pass
         return min(delay, MAX_DELAY)
 
-    def _ask(self, messages, parse, seed, name):
+    def ask(self, messages, parse, seed, name):
         """parse(answer) of the answer to messages, from the cache when this exact request was answered before.
         A cached answer that does not parse costs nothing: it is skipped, not counted, and the next seed is asked,
         so a bad answer kept from an earlier run never makes an item fail for good."""
@@ -310,7 +310,7 @@ class JudgeClient:
         """The atomic events of a (reference) caption, a list of sentences: the GPT-4o role of paper 3.3.1."""
         messages = [{"role": "system", "content": DECOMPOSE_SYSTEM},
                     {"role": "user", "content": DECOMPOSE_USER.format(caption=caption)}]
-        return self._ask(messages, parse_events, seed, name)
+        return self.ask(messages, parse_events, seed, name)
 
     def judge(self, caption, events, seed=SEED, truncated=False, name="caption"):
         """Missed, incorrect and hallucinated events of caption against the ground-truth atomic events (the GPT-3.5
@@ -321,7 +321,7 @@ class JudgeClient:
             caption = reduce_repeated_words(caption)
         messages = [{"role": "system", "content": JUDGE_SYSTEM.format(event_num=len(events))},
                     {"role": "user", "content": JUDGE_USER.format(events_in_video=events, cap_to_be_rated=caption)}]
-        return self._ask(messages, lambda answer: parse_judgment(answer, len(events)), seed, name)
+        return self.ask(messages, lambda answer: parse_judgment(answer, len(events)), seed, name)
 
     def judge_all(self, items, seed=SEED, workers=WORKERS):
         """Judges items ({"id", "caption", "events", optional "truncated"}; without an id, the index names it) in

@@ -1,4 +1,5 @@
 """The frozen-feature cache: a hit skips decoding and the encoders; any change of its key misses."""
+import json
 import os
 
 import pytest
@@ -75,3 +76,14 @@ def test_manifest_lines_resolve_and_malformed_ones_are_skipped_by_name(tmp_path,
     skipped = [r.getMessage() for r in caplog.records]
     assert len(skipped) == 3 and all("m.jsonl:" in s for s in skipped)
     assert any("m.jsonl:2:" in s for s in skipped)
+
+
+def test_manifest_as_one_json_list(tmp_path):
+    """The released test set is a JSON list in the conversations format."""
+    from data import read_manifest
+    (tmp_path / "testset.json").write_text(json.dumps([
+        {"video": "0.mp4", "conversations": [{"from": "human", "value": "<image>\nDescribe."}], "events": ["e1", "e2"]},
+        {"video": "1.mp4"}]))
+    items = read_manifest(tmp_path / "testset.json")
+    assert len(items) == 1 and items[0]["prompt"] == "Describe." and items[0]["events"] == ["e1", "e2"]
+    assert items[0]["line"].endswith("testset.json:1")
