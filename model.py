@@ -710,17 +710,38 @@ class VideoSALMONN2(nn.Module):
             frozen.requires_grad_(False)
         return self
 
-    def save_pretrained(self, path, state=None):
-        """config.json and model.safetensors in the released video-SALMONN 2 layout; state: our
-        {name: tensor} when it is not self.state_dict() (gathered from FSDP shards, say)."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
+    def save_pretrained(self, path, state=None, max_shard_bytes=None):
+        """config.json and safetensors in the released video-SALMONN 2 layout; state: our {name: tensor}
+        when it is not self.state_dict() (gathered from FSDP shards, say)."""
         state = self.state_dict() if state is None else state
-        save_file({ours_to_released(k): v.detach().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+        save_safetensors({ours_to_released(k): v for k, v in state.items()}, path, max_shard_bytes)
         config = {**vars(self.cfg.llm), "model_type": "video_salmonn_2", "mm_vision_tower": "siglip",
                   "video_salmonn_2": self.cfg.to_dict()}
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
+
+
+def save_safetensors(state, path, max_shard_bytes=None):
+    """model.safetensors, or, past max_shard_bytes, model-0000i-of-0000n.safetensors shards and the
+    model.safetensors.index.json that Hugging Face loaders (and checkpoint_keys) read."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    shards, size = [{}], 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = v.detach().contiguous().cpu(), size + nbytes
+    if len(shards) == 1:
+        return save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
 
 
 # (released key prefix, our prefix), most specific first

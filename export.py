@@ -1,0 +1,100 @@
+"""
+Export a trained video-SALMONN 2 for serving:
+- out/: the whole model, LoRA merged into the backbone (paper Eq. 8), in the released video-SALMONN 2
+  layout (config.json, safetensors shards with their index, tokenizer.json), which
+  VideoSALMONN2.from_pretrained, caption.py and eval.py load;
+- out/qwen2/: the LLM alone in the Hugging Face Qwen2ForCausalLM layout (config.json, generation_config.json,
+  safetensors shards, tokenizer.json and tokenizer_config.json with the chat template), so tools that serve
+  Qwen2 (transformers, vLLM, ...) load it; they see text only, the audio-visual front end stays here.
+
+$ python export.py --ckpt=out/sft/ckpt --out=out/export     # a stage's training checkpoint: its init_from + trained weights
+$ python export.py --ckpt=out/sft/final --out=out/export    # any model dir in the released layout (a stage's final, MrDPO's final)
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+import lora
+from config import configure
+from data import load_tokenizer
+from model import VideoSALMONN2, save_safetensors
+from train_sft import build_model
+
+# -----------------------------------------------------------------------------
+ckpt = ""  # out_dir/ckpt of train_sft.py / train_align.py, or a model dir in the released layout
+out = ""  # written whole to out.tmp, then renamed
+dtype = "bfloat16"  # of the exported weights ("" keeps the checkpoint's)
+max_shard_gb = 5.0  # safetensors shard size, as Hugging Face uploads use
+# -----------------------------------------------------------------------------
+# Qwen2-7B-Instruct's; RoPE has no learned positions, so for serving this is only the advertised context
+MAX_POSITIONS = 32768
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+                 "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # Qwen2-Instruct's
+
+
+def load(path):
+    """(merged model, tokenizer) from a training checkpoint or a released-layout model dir."""
+    meta = os.path.join(path, "meta.json")
+    if not os.path.exists(meta):
+        return VideoSALMONN2.from_pretrained(path), load_tokenizer(path)
+    with open(meta) as f:
+        c = json.load(f)["config"]
+    torch.manual_seed(c["seed"])
+    model, tok = build_model({**c, "device": "cpu", "dtype": "float32", "lora_dropout": 0.0}, torch.device("cpu"))
+    trained = load_file(os.path.join(path, "trainable.safetensors"))
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    wrong = set(expected.items()) ^ {(n, tuple(t.shape)) for n, t in trained.items()}
+    if wrong:
+        raise SystemExit(f"{path}: its weights do not match the model its config builds: {sorted(wrong)[:4]}")
+    model.load_state_dict(trained, strict=False)
+    return lora.merge_lora(model), tok
+
+
+def qwen2_config(cfg, tok, dt):
+    """Hugging Face's Qwen2 config.json for our Qwen2Config (its field names are transformers')."""
+    im_end = tok.token_to_id("<|im_end|>")
+    return {**vars(cfg), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "max_position_embeddings": MAX_POSITIONS, "attention_dropout": 0.0, "use_sliding_window": False,
+            "bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": im_end, "torch_dtype": str(dt).split(".")[-1]}
+
+
+def export(c):
+    model, tok = load(c["ckpt"])
+    dt = getattr(torch, c["dtype"]) if c["dtype"] else next(model.llm.parameters()).dtype
+    state = {n: (p.to(dt) if p.is_floating_point() else p) for n, p in model.state_dict().items() if "lora_" not in n}
+    shard_bytes = int(c["max_shard_gb"] * 2**30)
+    tmp = c["out"].rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state, shard_bytes)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    qwen = os.path.join(tmp, "qwen2")
+    llm = {("lm_head." + k[len("llm.lm_head."):]) if k.startswith("llm.lm_head.") else "model." + k[len("llm."):]: v
+           for k, v in state.items() if k.startswith("llm.")}
+    save_safetensors(llm, qwen, shard_bytes)
+    tok.save(os.path.join(qwen, "tokenizer.json"))
+    hf = qwen2_config(model.cfg.llm, tok, dt)
+    files = {"config.json": hf,
+             "generation_config.json": {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]},
+             "tokenizer_config.json": {"tokenizer_class": "Qwen2TokenizerFast", "chat_template": CHAT_TEMPLATE,
+                                       "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+                                       "model_max_length": MAX_POSITIONS}}
+    for name, obj in files.items():
+        with open(os.path.join(qwen, name), "w") as f:
+            json.dump(obj, f, indent=1)
+    shutil.rmtree(c["out"], ignore_errors=True)
+    os.replace(tmp, c["out"])
+    print(f"exported {c['ckpt']} -> {c['out']} (released layout) and {qwen.replace(tmp, c['out'])} (Qwen2ForCausalLM)")
+    return c["out"]
+
+
+if __name__ == "__main__":
+    config = configure(globals(), sys.argv[1:])
+    if not config["ckpt"] or not config["out"]:
+        raise SystemExit("usage: python export.py --ckpt=DIR --out=DIR")
+    export(config)
