@@ -157,7 +157,7 @@ class Qwen2(nn.Module):
         mask = torch.ones(T, P + T, dtype=torch.bool, device=embeds.device).tril(P) if P and T > 1 else None
         x, new_cache = embeds, []
         for i, block in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and not use_cache:  # recompute in backward
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():  # recompute in backward
                 x, kv = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache[i] if cache else None, mask, use_reentrant=False)
             else:
                 x, kv = block(x, cos, sin, cache[i] if cache else None, mask)

@@ -30,7 +30,7 @@ import lora
 from config import configure
 from data import read_manifest
 from eval import caption_scores, generate, merge_results, toy_world
-from judge import JudgeClient, repetition_rate, toy_judge
+from judge import JudgeClient, rates, repetition_rate, toy_judge
 from train_sft import Features, all_sum, autocast, build_model, full_state, lr_at, setup_distributed, shard
 
 # -----------------------------------------------------------------------------
@@ -62,6 +62,7 @@ batch_size = 1  # pairs per process per step
 warmup_ratio = 0.03
 weight_decay = 0.0
 grad_clip = 1.0
+activation_checkpointing = False  # recompute each LLM block in backward (the 7B prefix of ~21,000 tokens needs it)
 judge = "toy"  # toy: the exact toy judge; llm: judge.JudgeClient (OPENAI_BASE_URL, OPENAI_API_KEY, JUDGE_MODEL)
 fps = 1.0
 max_frames = 110
@@ -225,7 +226,7 @@ def round_model(c, dev, t):
     """The model at the end of round t (0: the SFT model), rebuilt from files: the SFT model with the
     proxies of rounds 1..t loaded in turn, each merged (Eq. 8) before the next; "Direct" saves one LoRA."""
     torch.manual_seed(c["seed"])
-    model, tok = build_model({**c, "activation_checkpointing": False, "llava": "", "arch": {}}, dev)
+    model, tok = build_model({**c, "llava": "", "arch": {}}, dev)
     for s in range(1, t + 1):
         if s > 1 and c["proxy"]:
             lora.merge_lora(model)
@@ -233,10 +234,20 @@ def round_model(c, dev, t):
     return model, tok
 
 
-def evaluate_round(model, tok, c, world, split):
+def evaluate_round(model, tok, c, judge, split):
+    """Miss / Hall / Total of greedy captions of a split (val: its first val_items), judged as the samples are:
+    exactly by the toy world, or by the LLM judge (items it fails on are left out, as in eval.py)."""
     items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
     items = items[:c["val_items"]] if split == "val" and c["val_items"] else items
-    return caption_scores(world, generate(model, tok, items, True, {**c, "max_new_tokens": c["max_new_tokens"]}), items)
+    outs = generate(model, tok, items, True, c, finished=True)
+    if not isinstance(judge, JudgeClient):
+        return caption_scores(judge, [text for text, _ in outs], items)
+    judged, errors = judge.judge_all([{"id": it.get("id", it["line"]), "caption": text, "truncated": not ended,
+                                       "events": [e["text"] if isinstance(e, dict) else e for e in it["events"]]}
+                                      for it, (text, ended) in zip(items, outs)])
+    for e in errors.values():
+        print(f"{split}: {e}", flush=True)
+    return rates(judged)
 
 
 def main(c):
@@ -273,8 +284,9 @@ def main(c):
         if rank == 0:  # evaluated on one process, with the round's model rebuilt unsharded
             save_file(proxy_state, os.path.join(rdir, "proxy.safetensors"))
             model, tok = round_model(c, dev, t)
-            rec = {"round": t, "pairs": len(pairs), "val": evaluate_round(model, tok, c, world, "val"),
-                   **evaluate_round(model, tok, c, world, "test")}
+            judge = world if c["judge"] == "toy" else llm_judge
+            rec = {"round": t, "pairs": len(pairs), "val": evaluate_round(model, tok, c, judge, "val"),
+                   **evaluate_round(model, tok, c, judge, "test")}
             json.dump(rec, open(os.path.join(rdir, "done.json"), "w"))
             history.append(rec)
             print(f"round {t}: {json.dumps(rec)}", flush=True)

@@ -80,15 +80,19 @@ def test_merge_and_reinit_keep_the_policy_and_make_it_the_reference():
     assert all(layer.lora_B.abs().sum() == 0 and layer.lora_A.abs().sum() > 0 for layer in lora.lora_layers(m))
 
 
-def test_shared_prefix_step_equals_the_five_pass_scheme():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_step_equals_the_five_pass_scheme(checkpointing):
     """One prefix pass with chosen, rejected and ground truth over its KV cache gives the loss and the
     gradients of the released scheme: five full passes (policy chosen, policy rejected, reference
-    chosen, reference rejected with the proxy disabled, policy ground truth)."""
+    chosen, reference rejected with the proxy disabled, policy ground truth); also when the prefix's
+    blocks are recomputed in backward (activation checkpointing, which the 7B prefix needs)."""
     m = lora_model()
     start_round(m, {"proxy": True, "seed": 1}, 2)
     for layer in lora.lora_layers(m):
         torch.nn.init.normal_(layer.lora_B, std=0.1)  # some training happened: policy != reference
     m.eval()
+    m.llm.activation_checkpointing = checkpointing
+    m.llm.train(checkpointing)  # checkpointing acts in training mode; the LLM has no dropout
     torch.manual_seed(4)
     feats, prompt = (torch.randn(3, 16, 32), torch.randn(2, 100, 32), [0.0, 1.0, 2.0], 3.0), ([1, 2, 3], [4, 5])
     pairs = []
@@ -143,7 +147,7 @@ def mrdpo_config(toy, out, **kw):
              round_lrs=(1e-2, 1e-2), beta=0.1, ce_weight=0.1, proxy=True, qa_mix=0.5, samples_per_video=2,
              temperature=1.5, top_p=1.0, max_new_tokens=16, videos_per_round=0, val_items=1, lora_r=4, lora_alpha=8, lora_dropout=0.0,
              lora_targets=("q_proj", "k_proj", "v_proj"), trainable=("lora_",), batch_size=2, warmup_ratio=0.0,
-             weight_decay=0.0, grad_clip=1.0, judge="toy", fps=1.0, max_frames=110, cache_dir=str(toy / "cache"),
+             weight_decay=0.0, grad_clip=1.0, activation_checkpointing=False, judge="toy", fps=1.0, max_frames=110, cache_dir=str(toy / "cache"),
              out_dir=str(out), results=str(out / "results.json"), log_every=1, ckpt_every=2,
              seed=5, device="cpu", dtype="float32")
     c.update(kw)
@@ -197,7 +201,10 @@ def test_a_round_judged_by_the_llm_judge(toy, tmp_path, monkeypatch, server):
     out = tmp_path / "llm"
     train_mrdpo.main(mrdpo_config(toy, out, rounds=1, steps_per_round=1, judge="llm"))
     records = [json.loads(x) for x in (out / "round1" / "samples_rank0.jsonl").read_text().splitlines()]
-    assert len(server.requests) == 2 * len(records) == 16
+    tests = [x for x in (toy / "data" / "test.jsonl").read_text().splitlines() if '"caption"' in x]
+    assert len(server.requests) == 2 * len(records) + 1 + len(tests) == 16 + 1 + len(tests)  # samples, val, test
+    done = json.loads((out / "round1" / "done.json").read_text())
+    assert set(done["val"]) == {"miss", "hall", "total"}  # rated by the LLM judge, not by the toy's exact judge
     items = [json.loads(x) for x in (toy / "data" / "train.jsonl").read_text().splitlines()]  # as data.items
     for r in records:
         for s in r["samples"]:
