@@ -245,6 +245,7 @@ def read_manifest(path):
             log.warning("%s:%d: skipped: %s", path, n, e)
             continue
         item["line"] = f"{path}:{n}"
+        item.setdefault("task", "caption")  # the released SFT, DPO and test-set items are captions
         for key in ("video", "audio"):
             if item.get(key):
                 item[key] = os.path.join(root, item[key])

@@ -12,6 +12,7 @@ $ python eval.py --task=qa --ckpt=DIR --manifest=videomme.jsonl       # multiple
 $ python eval.py --task=qa_from_captions --ckpt=DIR --manifest=videomme.jsonl   # a text LLM answers from captions (5.3)
 $ python eval.py --task=qa_from_captions --captions=out/eval/predictions.json --manifest=videomme.jsonl
 $ python eval.py --task=elo --matches=prefs.jsonl                     # Elo ratings of pairwise preferences (App. G)
+$ python eval.py --task=events --manifest=sft.jsonl --events_out=mrdpo_train.jsonl  # atomic events of the captions (3.3.1)
 The LLM judge and the QA LLM are any OpenAI-compatible server: OPENAI_BASE_URL, OPENAI_API_KEY (judge.py).
 """
 import importlib.util
@@ -55,6 +56,8 @@ caption_prompt = ("Give a detailed account of everything in the video, capturing
                   "audio and video are well-synchronized.")  # qa_from_captions' captions: the released demo prompt
 judge_model = ""  # the caption judge; empty: env JUDGE_MODEL, else gpt-3.5-turbo-0125 (judge.py)
 qa_model = "gpt-4o"  # the text LLM answering from captions, GPT-4o in the paper's Table 3
+events_model = "gpt-4o"  # the LLM that splits ground-truth captions into atomic events, GPT-4o in 3.3.1
+events_out = ""  # events: the manifest written, its caption items with their "events"
 judge_cache = "out/judge_cache.sqlite"  # every LLM answer, so that no request is paid for twice
 workers = 8  # concurrent LLM requests
 # -----------------------------------------------------------------------------
@@ -314,16 +317,47 @@ def elo_table(c):
     return ratings
 
 
+def add_events(c):
+    """The GPT-4o role of 3.3.1 over a manifest: each caption item with a ground-truth response gets the atomic
+    events of that response, and the items are written as a new manifest, which MrDPO and the caption benchmark read.
+    An item the LLM fails on is named and left out; every answer is cached, so a rerun asks only for those."""
+    if not c["events_out"]:
+        raise SystemExit("--task=events needs --events_out=FILE")
+    items = [it for it in read_manifest(c["manifest"]) if it["task"] == "caption" and it.get("response")][:c["limit"] or None]
+    client = JudgeClient(c["events_model"], cache_path=c["judge_cache"])
+
+    def one(it):
+        try:
+            return client.decompose(it["response"], name=it["line"])
+        except JudgeError as e:
+            print(e, flush=True)
+    try:
+        with ThreadPoolExecutor(max_workers=c["workers"]) as pool:
+            events = list(pool.map(one, items))
+    finally:
+        client.close()
+    root = os.path.dirname(os.path.abspath(c["events_out"]))
+    with open(c["events_out"] + ".tmp", "w") as f:
+        for it, ev in zip(items, events):
+            if ev is not None:  # media paths relative to the new manifest, as read_manifest expects
+                rec = {k: os.path.relpath(v, root) if k in ("video", "audio") else v for k, v in it.items() if k != "line"}
+                f.write(json.dumps({**rec, "events": ev}, ensure_ascii=False) + "\n")
+    os.replace(c["events_out"] + ".tmp", c["events_out"])
+    kept = sum(ev is not None for ev in events)
+    print(f"events: {kept} of {len(items)} captions decomposed by {client.model} -> {c['events_out']}")
+    return {"items": len(items), "decomposed": kept}
+
+
 def load_model(c):
     return VideoSALMONN2.from_pretrained(c["ckpt"], getattr(torch, c["dtype"]), c["device"]).eval(), load_tokenizer(c["ckpt"])
 
 
 def run_task(c):
-    if c["task"] == "elo":
-        return elo_table(c)
+    if c["task"] in ("elo", "events"):
+        return elo_table(c) if c["task"] == "elo" else add_events(c)
     tasks = {"captions": caption_benchmark, "qa": qa_benchmark, "qa_from_captions": qa_from_captions}
     if c["task"] not in tasks:
-        raise SystemExit(f"unknown task {c['task']!r}: captions, qa, qa_from_captions or elo")
+        raise SystemExit(f"unknown task {c['task']!r}: captions, qa, qa_from_captions, elo or events")
     from_file = c["task"] == "qa_from_captions" and c["captions"]  # answering from a predictions file needs no model
     return tasks[c["task"]](*((None, None) if from_file else load_model(c)), c)
 

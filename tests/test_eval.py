@@ -11,7 +11,7 @@ import torch
 
 import eval as ev
 from data import encode_prompt, load_tokenizer, load_video
-from judge import SEED, rates, reduce_repeated_words
+from judge import MAX_ATTEMPTS, SEED, rates, reduce_repeated_words
 from model import VideoSALMONN2
 from test_av_model import ROOT, tiny_checkpoint  # noqa: F401 (a fixture)
 from test_judge import answer_text, caption_of, server  # noqa: F401 (a fixture)
@@ -220,3 +220,32 @@ def test_qa_from_generated_captions(tiny_checkpoint, tmp_path, server):  # noqa:
     caps = {p["id"][0]: p["pred"] for p in preds}
     assert sorted(asked) == sorted(ev.CAPTION_QA_PROMPT.format(caption=caps[os.path.basename(it["video"])], question=it[
         "prompt"].replace("based on the video", "based on the description of the video")) for it in ev.read_qa(tmp_path / "qa.jsonl"))
+
+
+# -----------------------------------------------------------------------------
+# atomic events of ground-truth captions (the GPT-4o role of 3.3.1)
+
+
+def test_events_task_decomposes_captions_into_a_new_manifest(tmp_path, server):  # noqa: F811
+    def sentences(body):  # a fake decomposer: one event per sentence; a caption containing BAD never gets a list
+        caption = body["messages"][1]["content"].split("#### Video Description\n")[1].split("\n\nList")[0]
+        return "no list here" if "BAD" in caption else json.dumps([s.strip() + "." for s in caption.split(".") if s.strip()])
+    server.answer = sentences
+    (tmp_path / "videos").mkdir()
+    manifest = write_manifest(tmp_path / "videos" / "sft.jsonl", [
+        {"video": "a.mp4", "prompt": "Describe.", "response": "A dog runs. A bell rings."},
+        {"video": "b.mp4", "task": "caption", "prompt": "Describe.", "response": "BAD caption."},
+        {"video": "c.mp4", "task": "qa", "prompt": "What?", "response": "B", "answer": "B"},
+        {"video": "d.mp4", "prompt": "Describe.", "response": "A man says hello."}])
+    out = tmp_path / "events.jsonl"
+    args = ("--task=events", f"--manifest={manifest}", f"--events_out={out}", f"--out_dir={tmp_path / 'out'}",
+            f"--judge_cache={tmp_path / 'judge.sqlite'}", "--events_model=test-gpt4o")
+    printed = run_eval(*args, port=server.server_port)
+    assert "sft.jsonl:2" in printed and "2 of 3 captions decomposed" in printed  # the failed item is named
+    items = ev.read_manifest(str(out))
+    assert [it["events"] for it in items] == [["A dog runs.", "A bell rings."], ["A man says hello."]]
+    assert [it["video"] for it in items] == [str(tmp_path / "videos" / v) for v in ("a.mp4", "d.mp4")]
+    assert all(b["model"] == "test-gpt4o" for b in server.requests)
+    asked = len(server.requests)
+    run_eval(*args, port=server.server_port)
+    assert len(server.requests) - asked == MAX_ATTEMPTS  # only the failed item is asked again
