@@ -6,7 +6,10 @@ One gDPO training step (forward and backward) two ways, on the same model and th
 - the released code's: for each of policy-chosen, policy-rejected, reference-chosen, reference-rejected
   (no grad, LoRA off) and ground-truth CE, re-encode the video (tower and Whisper) and run the whole
   sequence: 5 encoder passes and 5 LLM passes per step.
-The prefix-to-caption ratio is the real one scaled down (about 20,000 video tokens to 800 caption tokens).
+The sizes are the 7B run's scaled down to a CPU with its proportions kept: prefix / caption tokens about 25
+(20,000 video tokens to 800), LLM matmul / attention FLOPs per prefix token about 3 (Qwen2-7B at 21,000
+tokens: 3.1), MLP / width 5.3 and 4 query heads per KV head as Qwen2-7B, and a tower costing about a fifth of
+an LLM forward (so400m on 110 frames against the 7B LLM on 21,000 tokens: about 0.2).
 
 $ python bench/gdpo_step.py            # prints the table and, last, "speedup: X.XX"
 $ python bench/gdpo_step.py --smoke    # tiny, a few seconds
@@ -26,10 +29,10 @@ from model import AVConfig, VideoSALMONN2  # noqa: E402
 from train_mrdpo import gdpo_loss, pair_step  # noqa: E402
 
 # -----------------------------------------------------------------------------
-n_embd = 256  # LLM width
+n_embd = 512  # LLM width (8 heads of 64, 2 KV heads)
 n_layer = 4  # LLM layers
-frames = 40  # video frames: 40 x (12 x 13 = 156 tokens) + audio = about 6,300 prefix tokens
-caption_tokens = 250  # per caption: prefix / caption about 25, as 20,000 / 800
+frames = 20  # video frames: 20 x (12 x 13 = 156 tokens) + 60 audio tokens = about 3,200 prefix tokens
+caption_tokens = 128  # per caption: prefix / caption about 25, as 20,000 / 800
 repeats = 3  # timed steps of each scheme (interleaved); the median is reported
 smoke = False  # tiny sizes, for the test
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,9 +43,9 @@ seed = 1337
 def build(c):
     D, grid = c["n_embd"], 24  # a 24 x 24 patch grid: 12 x 12 pooled + 12 newlines per frame
     cfg = AVConfig.from_dict(dict(
-        llm=dict(vocab_size=4096, hidden_size=D, intermediate_size=3 * D, num_hidden_layers=c["n_layer"],
+        llm=dict(vocab_size=4096, hidden_size=D, intermediate_size=D * 18944 // 3584, num_hidden_layers=c["n_layer"],
                  num_attention_heads=D // 64, num_key_value_heads=max(1, D // 256)),
-        vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        vision=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=2, num_attention_heads=3,
                     image_size=grid * 4, patch_size=4),
         whisper=dict(num_mel_bins=80, d_model=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=256,
                      max_source_positions=1500),
