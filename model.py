@@ -605,6 +605,15 @@ class VideoSALMONN2(nn.Module):
         front = front.reshape(n, -1, D)  # (n, k, D)
         return torch.cat([torch.cat([vis, front], dim=1).reshape(-1, D), back])
 
+    def av_length(self, n_frames, n_audio, duration):
+        """The length of interleave's output (without running it): n_audio audio tokens, n_frames frames."""
+        if n_frames == 0 or n_audio == 0:
+            return n_frames * self.cfg.tokens_per_frame + n_audio
+        if self.cfg.time_aligned:
+            return n_frames * self.cfg.tokens_per_frame + min(n_audio, math.ceil(duration * self.cfg.audio_tokens_per_second))
+        front = min(n_audio, round(duration * AUDIO_SPLIT_RATE))
+        return n_frames * self.cfg.tokens_per_frame + -(-front // n_frames) * n_frames + n_audio - front
+
     def av_tokens(self, vis_feats, aud_feats, frame_times, duration):
         """Cached encoder features of one item -> its audio-visual block (L, D). Audio-only items
         (alignment) have no frames, visual-only ones (the visual base) no audio, text-only ones neither."""

@@ -193,6 +193,7 @@ def train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size):
     last = t == c["rounds"] and qa
     log = open(os.path.join(rdir, "log.jsonl"), "a") if rank == 0 else None
     model.eval()  # no dropout anywhere: the policy starts equal to its reference
+    model.llm.train(c["activation_checkpointing"])  # checkpointing acts in training mode; the LLM has no dropout of its own
     while step < rc["steps"]:
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, rc)

@@ -69,7 +69,9 @@ seed = 2024  # data order, LoRA init, dropout
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # parameter dtype of the frozen backbone
 # -----------------------------------------------------------------------------
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}  # dense bf16
+# dense bf16 FLOP/s by device name, the first key found in torch.cuda.get_device_name() wins (so PCIe before SXM)
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+              "A100": 312e12, "A800": 312e12}
 
 
 def setup_distributed(device):
@@ -244,18 +246,26 @@ def load_checkpoint(model, c):
 
 
 def sequence_length(model, example):
-    """Tokens in the LLM sequence of one example: prompt, audio-visual block and response."""
+    """Tokens in the LLM sequence of one example (prompt, audio-visual block, response), and in its response."""
     (vis, aud, times, duration), (before, after), response = example
-    cfg, n_frames = model.cfg, 0 if vis is None else vis.size(0)
-    n_audio = 0 if aud is None else aud.size(0) * cfg.qformer.tokens_per_segment
-    return len(before) + n_frames * cfg.tokens_per_frame + n_audio + len(after) + len(response)
+    n_frames = 0 if vis is None else vis.size(0)
+    n_audio = 0 if aud is None else aud.size(0) * model.cfg.qformer.tokens_per_segment
+    return len(before) + model.av_length(n_frames, n_audio, duration) + len(after) + len(response), len(response)
 
 
-def estimate_flops(model, lengths):
-    """Training FLOPs of sequences of these lengths: 6 per LLM matmul weight per token, plus causal attention."""
-    cfg = model.cfg.llm
-    n = sum(p.numel() for p in model.llm.parameters()) - cfg.vocab_size * cfg.hidden_size  # embedding: a lookup
-    return sum(6 * n * L + 6 * cfg.num_hidden_layers * cfg.hidden_size * L * L for L in lengths)
+def estimate_flops(model, seqs):
+    """Training FLOPs of (length, response length) sequences, counting the work done (model FLOPs: recomputation
+    under activation checkpointing is not counted): per token and matmul weight 2 forward and 2 for the input
+    gradient, plus 2 for the weight gradient only where weights train (LoRA: few; the toy base: all); the head
+    only on response tokens; causal attention 2 L^2 C per layer forward and twice that backward."""
+    cfg, body, n_train = model.cfg.llm, 0, 0
+    for name, p in model.llm.named_parameters():
+        if p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            body, n_train = body + p.numel(), n_train + p.numel() * p.requires_grad
+    head = model.llm.embed_tokens.weight if model.llm.lm_head is None else model.llm.lm_head.weight
+    per_response_token = (4 + 2 * head.requires_grad) * head.numel()
+    return sum((4 * body + 2 * n_train) * L + per_response_token * R + 6 * cfg.num_hidden_layers * cfg.hidden_size * L * L
+               for L, R in seqs)
 
 
 def train(c, stage):
@@ -318,7 +328,7 @@ def train(c, stage):
         step += 1
         bar.update()
         lengths = [sequence_length(model, ex) for ex in batch]
-        tokens, flops = tokens + sum(lengths) * world, flops + estimate_flops(model, lengths) * world
+        tokens, flops = tokens + sum(L for L, _ in lengths) * world, flops + estimate_flops(model, lengths) * world
         if master and (step % c["log_every"] == 0 or step == c["steps"]):
             dt = time.time() - t0
             rec = {"step": step, "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"], "tok/s": round(tokens / dt),

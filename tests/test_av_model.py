@@ -69,6 +69,18 @@ def test_audio_token_counts(seconds, segments, paper, aligned):
         assert block.shape == (seconds * 6 + stretched, 64)
 
 
+@pytest.mark.parametrize("time_aligned", [False, True])
+@pytest.mark.parametrize("frames,segments,duration", [(110, 2, 60.0), (7, 1, 7.3), (3, 2, 45.0), (0, 1, 5.0), (4, 0, 4.0)])
+def test_av_length_equals_the_interleaved_block(time_aligned, frames, segments, duration):
+    """The length train_sft counts tokens (and MFU) with is that of the block the model builds."""
+    m = tiny_model(frames_per_segment=1500, segment_seconds=30.0, time_aligned=time_aligned)
+    vis = torch.randn(frames, 16, 32) if frames else None
+    aud = torch.randn(segments, 1500, 32) if segments else None
+    block = m.av_tokens(vis, aud, [float(t) * duration / max(1, frames) for t in range(frames)], duration)
+    n_audio = segments * m.cfg.qformer.tokens_per_segment
+    assert m.av_length(frames, n_audio, duration) == block.size(0)
+
+
 def test_interleave_order_paper_mapping():
     m = tiny_model()
     vis = torch.randn(45, 6, 64)

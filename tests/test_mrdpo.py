@@ -209,3 +209,18 @@ def test_a_round_judged_by_the_llm_judge(toy, tmp_path, monkeypatch, server):
     for r in records:
         for s in r["samples"]:
             assert s["total"] == pytest.approx(s["text"].count(".") / len(items[r["i"]]["events"]))
+
+
+def test_activation_checkpointing_trains_the_same_proxy(toy, tmp_path, monkeypatch):
+    """activation_checkpointing (needed by the 7B prefix) recomputes the blocks in backward and changes nothing else."""
+    monkeypatch.setattr(train_mrdpo, "THRESHOLDS", ((-1.0, -1.0),))
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    proxies = []
+    for on in (False, True):
+        out = tmp_path / f"ckpt_{on}"
+        train_mrdpo.main(mrdpo_config(toy, out, rounds=1, steps_per_round=2, activation_checkpointing=on))
+        proxies.append(load_file(str(out / "round1" / "proxy.safetensors")))
+        assert bool(calls) == on
+    for k, v in proxies[0].items():
+        assert torch.allclose(v, proxies[1][k], atol=1e-6), k
