@@ -87,7 +87,9 @@ class Qwen2Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if isinstance(cache, KVBuffer):  # generation: append in place
+            k, v = cache.append(k, v)
+        elif cache is not None:
             # a batch-1 prefix (one video) serves B continuations: expand is a view, and its
             # backward sums the B gradients into the one prefix
             pk, pv = (t.expand(B, -1, -1, -1) if t.size(0) == 1 else t for t in cache)
@@ -95,7 +97,24 @@ class Qwen2Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None and T > 1,
                                            enable_gqa=self.n_kv != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.o_proj(y), (k, v)
+        return self.o_proj(y), cache if isinstance(cache, KVBuffer) else (k, v)
+
+
+class KVBuffer:
+    """One layer's keys and values during generation, in buffers sized for all of it: a decode step writes its
+    position in place, where torch.cat would copy the whole cache (the long video prefix, n times) every step."""
+
+    def __init__(self, k, v, n, extra):  # k, v: (1 or n, nkv, P, hd) from the prefill
+        self.k = k.new_empty(n, k.size(1), k.size(2) + extra, k.size(3))  # (n, nkv, P + extra, hd)
+        self.v = torch.empty_like(self.k)
+        self.k[:, :, :k.size(2)], self.v[:, :, :k.size(2)], self.len = k, v, k.size(2)
+
+    def append(self, k, v):
+        """Write (n, nkv, T, hd) after what is there; returns all keys and values so far (views)."""
+        T = k.size(2)
+        self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
 
 
 class Qwen2MLP(nn.Module):
@@ -149,7 +168,7 @@ class Qwen2(nn.Module):
 
     def hidden(self, embeds, cache=None, start_pos=None, use_cache=False):
         """Final-normed hidden states (B, T, C) of input embeddings; positions continue the cache."""
-        T, P = embeds.size(1), cache[0][0].size(2) if cache else 0
+        T, P = embeds.size(1), (cache[0].len if isinstance(cache[0], KVBuffer) else cache[0][0].size(2)) if cache else 0
         start_pos = P if start_pos is None else start_pos
         pos = torch.arange(start_pos, start_pos + T, device=embeds.device)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
@@ -177,6 +196,7 @@ class Qwen2(nn.Module):
         Returns a list of n token lists (each ends at its first stop id, kept) and, when asked,
         each token's log-probability under the untempered model (n lists of floats)."""
         h, cache = self.hidden(embeds, use_cache=True)
+        cache = [KVBuffer(k, v, n, max_new_tokens) for k, v in cache]
         logits = self.head(h[:, -1]).expand(n, -1)  # (n, V): all n rows start from the one prefill
         out = torch.zeros(n, 0, dtype=torch.long, device=embeds.device)
         logps = torch.zeros(n, 0, device=embeds.device)
@@ -187,7 +207,7 @@ class Qwen2(nn.Module):
             lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None])[:, 0]
             out, logps = torch.cat((out, tok[:, None]), 1), torch.cat((logps, lp[:, None]), 1)
             done |= torch.isin(tok, stop)
-            if done.all():
+            if done.all() or out.size(1) == max_new_tokens:
                 break
             logits, cache = self(tok[:, None], cache=cache, use_cache=True)
             logits = logits[:, -1]  # (n, V)
