@@ -57,6 +57,24 @@ def build(c):
     return model.eval()
 
 
+def five_pass_loss(model, media, prompt, captions, beta, ce_weight):
+    """The released code's gDPO loss: for each of policy-chosen, policy-rejected, reference-chosen and
+    -rejected (LoRA off, no grad) and ground-truth CE, re-encode the video and run the whole sequence."""
+    pixels, mel, times, duration = media
+
+    def logp(ids, grad=True):
+        feats = (*model.encode(pixels, mel), times, duration)
+        e, P = model.embed_sequence(feats, prompt, ids)
+        with torch.set_grad_enabled(grad):
+            logits = model.llm(embeds=e)[0][0, P - 1:-1]  # (len(ids), V)
+            return -F.cross_entropy(logits.float(), torch.tensor(ids, device=e.device), reduction="sum")
+    pc, pr = logp(captions[0]), logp(captions[1])
+    with lora.disabled(model):
+        rc, rr = logp(captions[0], False), logp(captions[1], False)
+    ce = -logp(captions[2]) / len(captions[2])
+    return gdpo_loss(pc[None], pr[None], rc[None], rr[None], ce, beta, ce_weight)[0]
+
+
 def main(argv):
     c = configure(globals(), argv)
     if c["smoke"]:
@@ -85,17 +103,7 @@ def main(argv):
         return loss
 
     def five_pass():
-        def logp(ids, grad=True):  # re-encode the video and run the whole sequence, as the released code does
-            feats = (*model.encode(pixels, mel), times, duration)
-            e, P = model.embed_sequence(feats, prompt, ids)
-            with torch.set_grad_enabled(grad):
-                logits = model.llm(embeds=e)[0][0, P - 1:-1]
-                return -F.cross_entropy(logits.float(), torch.tensor(ids, device=dev), reduction="sum")
-        pc, pr = logp(captions[0]), logp(captions[1])
-        with lora.disabled(model):
-            rc, rr = logp(captions[0], False), logp(captions[1], False)
-        ce = -logp(captions[2]) / len(captions[2])
-        loss = gdpo_loss(pc[None], pr[None], rc[None], rr[None], ce, 0.1, 0.1)[0]
+        loss = five_pass_loss(model, (pixels, mel, times, duration), prompt, captions, 0.1, 0.1)
         loss.backward()
         return loss
 

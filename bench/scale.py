@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
@@ -29,8 +28,9 @@ import train_mrdpo  # noqa: E402
 import train_sft  # noqa: E402
 from config import configure  # noqa: E402
 from model import AVConfig, VideoSALMONN2, av_config_from_hf  # noqa: E402
-from train_mrdpo import gdpo_loss, pair_step  # noqa: E402
+from train_mrdpo import pair_step  # noqa: E402
 from train_sft import PEAK_FLOPS, autocast, estimate_flops, step_loss  # noqa: E402
+from gdpo_step import five_pass_loss  # noqa: E402
 from memory_plan import SFT_TRAINABLE, plan  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -195,18 +195,8 @@ def main(argv):
             return pair_step(model, [(cached, prompt, pair)], dev, DPO)[0]
 
     def five_pass():
-        def logp(ids, grad=True):  # re-encode the video and run the whole sequence, as the released code does
-            feats = (*model.encode(pixels, mel), times, duration)
-            e, P = model.embed_sequence(feats, prompt, ids)
-            with torch.set_grad_enabled(grad):
-                logits = model.llm(embeds=e)[0][0, P - 1:-1]
-                return -F.cross_entropy(logits.float(), torch.tensor(ids, device=dev), reduction="sum")
         with autocast(dev):
-            pc, pr = logp(captions[0]), logp(captions[1])
-            with lora.disabled(model):
-                rc, rr = logp(captions[0], False), logp(captions[1], False)
-            ce = -logp(captions[2]) / len(captions[2])
-            return gdpo_loss(pc[None], pr[None], rc[None], rr[None], ce, DPO["beta"], DPO["ce_weight"])[0]
+            return five_pass_loss(model, (pixels, mel, times, duration), prompt, captions, DPO["beta"], DPO["ce_weight"])
 
     tg, peak_g, loss_g = measure(lambda: train_step(gdpo))
     t5, peak_5, loss_5 = measure(lambda: train_step(five_pass), oom_ok=True)
