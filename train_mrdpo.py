@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -30,7 +31,7 @@ import lora
 from config import configure
 from data import read_manifest
 from eval import caption_scores, generate, merge_results, toy_world
-from judge import JudgeClient, rates, repetition_rate, toy_judge
+from judge import JudgeClient, JudgeError, rates, repetition_rate, toy_judge
 from train_sft import Features, all_sum, autocast, build_model, full_state, lr_at, setup_distributed, shard
 
 # -----------------------------------------------------------------------------
@@ -156,11 +157,16 @@ def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge):
             continue
         g = torch.Generator(dev).manual_seed(c["seed"] * 1_000_003 + t * 10_007 + i)  # per video: resumes exactly
         feats, prompt_ids, _ = data.example(i, dev)
-        ids = model.sample(feats, prompt_ids, n=c["samples_per_video"], max_new_tokens=c["max_new_tokens"],
-                           temperature=c["temperature"], top_p=c["top_p"], stop_ids=stop, generator=g)
-        ref, _ = model.continuation_logps(feats, prompt_ids, ids)  # the reference: the round-start model
+        with autocast(dev, c["dtype"]):  # as in training, so the reference log-probs are the policy's at step 0
+            ids = model.sample(feats, prompt_ids, n=c["samples_per_video"], max_new_tokens=c["max_new_tokens"],
+                               temperature=c["temperature"], top_p=c["top_p"], stop_ids=stop, generator=g)
+            ref, _ = model.continuation_logps(feats, prompt_ids, ids)  # the reference: the round-start model
         texts = [tok.decode(s, skip_special_tokens=True).strip() for s in ids]
-        judged = [judge_sample(x, data.items[i], judge, s[-1] in stop) for x, s in zip(texts, ids)]
+        try:
+            judged = [judge_sample(x, data.items[i], judge, s[-1] in stop) for x, s in zip(texts, ids)]
+        except JudgeError as e:  # not written: a rerun of the round asks again (the judge's cache keeps the rest)
+            print(f"round {t}: left out of the pairs: {e}", flush=True)
+            continue
         append(path, {"i": i, "samples": [{"ids": s, "text": x, "ref": r, **j}
                                           for s, x, r, j in zip(ids, texts, ref.tolist(), judged)]})
 
@@ -198,8 +204,9 @@ def train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size):
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, rc)
         rng = random.Random(c["seed"] * 7919 + t * 1000 + step * world_size + rank)  # the batch is a function of the step
-        with autocast(dev):
-            if last and rng.random() < c["qa_mix"]:  # a QA SFT step (the last round)
+        qa_step = last and random.Random(c["seed"] * 7919 + t * 1000 + step).random() < c["qa_mix"]  # all ranks alike:
+        with autocast(dev, c["dtype"]):  # a QA and a gDPO step run different FSDP collectives
+            if qa_step:  # a QA SFT step (the last round)
                 nll, n = model([data.example(rng.choice(qa), dev) for _ in range(c["batch_size"])])
                 loss, rec = nll / n, {"qa_ce": round((nll / n).item(), 4)}
             else:
@@ -235,12 +242,20 @@ def round_model(c, dev, t):
     return model, tok
 
 
-def evaluate_round(model, tok, c, judge, split):
-    """Miss / Hall / Total of greedy captions of a split (val: its first val_items), judged as the samples are:
-    exactly by the toy world, or by the LLM judge (items it fails on are left out, as in eval.py)."""
+def evaluate_round(model, tok, c, judge, split, rank, world_size):
+    """Miss / Hall / Total of greedy captions of a split (val: its first val_items), each rank captioning a share,
+    judged on rank 0 as the samples are: exactly by the toy world, or by the LLM judge (items it fails on are
+    left out, as in eval.py). None on the other ranks."""
     items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
     items = items[:c["val_items"]] if split == "val" and c["val_items"] else items
-    outs = generate(model, tok, items, True, c, finished=True)
+    with autocast(next(model.parameters()).device, c["dtype"]):
+        outs = generate(model, tok, items[rank::world_size], True, c, finished=True)
+    if world_size > 1:
+        shares = [None] * world_size
+        dist.all_gather_object(shares, outs)
+        outs = [shares[i % world_size][i // world_size] for i in range(len(items))]
+    if rank:
+        return None
     if not isinstance(judge, JudgeClient):
         return caption_scores(judge, [text for text, _ in outs], items)
     judged, errors = judge.judge_all([{"id": it.get("id", it["line"]), "caption": text, "truncated": not ended,
@@ -264,31 +279,43 @@ def main(c):
         if os.path.exists(os.path.join(rdir, "done.json")):
             history.append(json.load(open(os.path.join(rdir, "done.json"))))
             continue
-        model, tok = round_model(c, dev, t - 1)
-        start_round(model, c, t)
-        items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
-        data = Features(model, tok, items, {**c, "use_audio": True}, rank, world_size)
-        sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, world if c["judge"] == "toy" else llm_judge)
-        if world_size > 1:
-            dist.barrier()
-        pairs = round_pairs(rdir, t, c, data)
-        qa = [i for i, it in enumerate(data.items) if it.get("task") == "qa"]
-        if rank == 0:
-            print(f"round {t}: {len(pairs)} pairs kept", flush=True)
-        model = shard(model, world_size, dev)
-        if world_size > 1:  # FSDP gathers the root's parameters around forward and the methods named here
-            register_fsdp_forward_method(model, "continuation_logps")
-        if pairs:
-            train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size)
-        proxy_state = full_state(model, lambda n: "lora_" in n)
+        judge = world if c["judge"] == "toy" else llm_judge
+        proxy_path = os.path.join(rdir, "proxy.safetensors")
+        if not os.path.exists(proxy_path):  # else the round crashed while evaluating: its training is done
+            model, tok = round_model(c, dev, t - 1)
+            start_round(model, c, t)
+            items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
+            data = Features(model, tok, items, {**c, "use_audio": True}, rank, world_size)
+            sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge)
+            if world_size > 1:
+                dist.barrier()
+            pairs = round_pairs(rdir, t, c, data)
+            qa = [i for i, it in enumerate(data.items) if it.get("task") == "qa"]
+            if rank == 0:
+                print(f"round {t}: {len(pairs)} pairs kept", flush=True)
+            model = shard(model, world_size, dev)
+            if world_size > 1:  # FSDP gathers the root's parameters around forward and the methods named here
+                register_fsdp_forward_method(model, "continuation_logps")
+            if pairs:
+                train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size)
+            proxy_state = full_state(model, lambda n: "lora_" in n)
+            del model
+            if rank == 0:
+                save_file(proxy_state, proxy_path + ".tmp", metadata={"pairs": str(len(pairs))})
+                os.replace(proxy_path + ".tmp", proxy_path)
+            if world_size > 1:
+                dist.barrier()
+        with safe_open(proxy_path, "pt") as f:
+            n_pairs = int(f.metadata()["pairs"])
+        model, tok = round_model(c, dev, t)  # unsharded on every rank, for generation
+        val = evaluate_round(model, tok, c, judge, "val", rank, world_size)
+        test = evaluate_round(model, tok, c, judge, "test", rank, world_size)
         del model
-        if rank == 0:  # evaluated on one process, with the round's model rebuilt unsharded
-            save_file(proxy_state, os.path.join(rdir, "proxy.safetensors"))
-            model, tok = round_model(c, dev, t)
-            judge = world if c["judge"] == "toy" else llm_judge
-            rec = {"round": t, "pairs": len(pairs), "val": evaluate_round(model, tok, c, judge, "val"),
-                   **evaluate_round(model, tok, c, judge, "test")}
-            json.dump(rec, open(os.path.join(rdir, "done.json"), "w"))
+        if rank == 0:
+            rec = {"round": t, "pairs": n_pairs, "val": val, **test}
+            with open(os.path.join(rdir, "done.json.tmp"), "w") as f:
+                json.dump(rec, f)
+            os.replace(os.path.join(rdir, "done.json.tmp"), os.path.join(rdir, "done.json"))
             history.append(rec)
             print(f"round {t}: {json.dumps(rec)}", flush=True)
         if world_size > 1:

@@ -9,6 +9,7 @@ $ torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$M
       train_sft.py config/vs2_7b_sft.py                                          # 4 nodes, shared out_dir
 $ python train_sft.py config/toy_sft.py --resume                                 # continue from out_dir/ckpt
 """
+import datetime
 import json
 import math
 import os
@@ -40,6 +41,7 @@ lora_alpha = 256  # LoRA alpha: scale alpha / r = 2.0 as released
 lora_dropout = 0.05  # dropout on the LoRA input
 lora_targets = ("q_proj", "k_proj", "v_proj")  # LLM linears that get LoRA, as released
 trainable = ("lora_", "audio.")  # substrings of the parameter names that train; all else is frozen
+time_aligned = None  # True: each frame gets only its own seconds' audio tokens; False: Eq. 4-6; None: as the checkpoint
 # data
 train_data = "data/toyav/train.jsonl"  # manifest, or several joined by commas
 val_data = "data/toyav/val.jsonl"  # manifest for the validation loss ("" for none)
@@ -78,7 +80,8 @@ def setup_distributed(device):
     """(rank, world, device) under torchrun, (0, 1, device) as one process."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    # the other ranks wait at a barrier while rank 0 exports, or judges a round's captions: longer than the default 10 min
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
     rank, world = dist.get_rank(), dist.get_world_size()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -98,6 +101,8 @@ def build_model(c, dev):
         model = VideoSALMONN2.from_base(c["llava"], c["whisper"])
     else:
         model = VideoSALMONN2.from_pretrained(c["init_from"])
+    if c.get("time_aligned") is not None:  # an interleaving switch, no weights: saved with the model's config
+        model.cfg.time_aligned = c["time_aligned"]
     if c["lora_r"]:
         lora.apply_lora(model.llm, c["lora_targets"], c["lora_r"], c["lora_alpha"], c["lora_dropout"])
     for name, p in model.named_parameters():
@@ -138,9 +143,12 @@ class Features:
         self.prep = dict(fps=c["fps"], max_frames=c["max_frames"], image_size=cfg.vision.image_size,
                          n_mels=cfg.whisper.num_mel_bins, segment_seconds=cfg.segment_seconds)
         self.fingerprint = model.encoder_fingerprint()
-        self.ids = [(encode_prompt(tok, it["prompt"]), encode_response(tok, it["response"])) for it in items]
-        bad = set()
+        bad = {i for i, it in enumerate(items) if not isinstance(it.get("response"), str)}  # the same on every rank
+        for i in sorted(bad)[:len(bad) if rank == 0 else 0]:
+            print(f"skipped bad sample ({items[i]['line']}): no response to train on", flush=True)
         for i in range(rank, len(items), world):  # warm the cache: each rank its share
+            if i in bad:
+                continue
             try:
                 self.features(items[i])
             except MediaError as e:
@@ -152,7 +160,7 @@ class Features:
             bad = set().union(*gathered)
         self.skipped = len(bad)
         self.items = [it for i, it in enumerate(items) if i not in bad]
-        self.ids = [x for i, x in enumerate(self.ids) if i not in bad]
+        self.ids = [(encode_prompt(tok, it["prompt"]), encode_response(tok, it["response"])) for it in self.items]
 
     def features(self, item):
         if not (item.get("video") or item.get("audio")):
@@ -185,18 +193,19 @@ def all_sum(x, world):
     return x
 
 
-def step_loss(model, batch, world, dev):
+def step_loss(model, batch, world, dev, dtype):
     """Mean token NLL over the global batch: each rank's sum over the global count, times the world size,
     since FSDP averages the gradients over ranks."""
-    with autocast(dev):
+    with autocast(dev, dtype):
         nll, n = model(batch)
     count = all_sum(torch.tensor(float(n), device=nll.device), world)
     return nll * world / count
 
 
-def autocast(dev):
-    """bf16 autocast on GPU, where the trained fp32 weights meet the frozen bf16 ones; nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+def autocast(dev, dtype):
+    """Autocast to the frozen weights' dtype (the config's `dtype`: bf16 on GPU), where the trained fp32 weights
+    meet them; off when everything is fp32 (the CPU default)."""
+    return torch.autocast(dev.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
 
 def full_state(model, keep):
@@ -209,8 +218,8 @@ def full_state(model, keep):
 
 
 def save_checkpoint(model, opt, step, cursor, c, rank, world):
-    """out_dir/ckpt: trainable weights, optimizer state and RNG per rank, step and data position;
-    written to ckpt.tmp, then renamed, so a crash leaves the previous checkpoint whole."""
+    """out_dir/ckpt: trainable weights, optimizer state and RNG per rank, step and data position; written to
+    ckpt.tmp, the previous one moved to ckpt.old, then renamed: at every instant one of them is whole."""
     tmp, final = os.path.join(c["out_dir"], "ckpt.tmp"), os.path.join(c["out_dir"], "ckpt")
     weights = full_state(model, lambda n: any(t in n for t in c["trainable"]))
     if rank == 0:
@@ -226,8 +235,11 @@ def save_checkpoint(model, opt, step, cursor, c, rank, world):
     if world > 1:
         dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        if os.path.exists(final):
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
         os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
     if world > 1:
         dist.barrier()
 
@@ -235,6 +247,8 @@ def save_checkpoint(model, opt, step, cursor, c, rank, world):
 def load_checkpoint(model, c):
     """Trainable weights into the unsharded model; returns (meta, path) for the optimizer and RNG."""
     path = os.path.join(c["out_dir"], "ckpt")
+    if not os.path.exists(path) and os.path.exists(path + ".old"):  # a crash between save_checkpoint's two renames
+        path += ".old"
     if not os.path.exists(os.path.join(path, "meta.json")):
         raise SystemExit(f"--resume: no checkpoint in {path}")
     missing = set(load_file(os.path.join(path, "trainable.safetensors"))) ^ {n for n, p in model.named_parameters() if p.requires_grad}
@@ -310,7 +324,7 @@ def train(c, stage):
             g["lr"] = lr_at(step, c)
         batch = [data.example(i, dev) for i in batch_indices(cursor, len(data.items), c, rank)]
         cursor += c["batch_size"] * world
-        loss = step_loss(model, batch, world, dev)
+        loss = step_loss(model, batch, world, dev, c["dtype"])
         finite = all_sum(torch.tensor(float(torch.isfinite(loss)), device=dev), world).item() == world
         if finite:
             loss.backward()
@@ -340,7 +354,7 @@ def train(c, stage):
             log.flush()
             t0, tokens, flops = time.time(), 0, 0.0
         if val and (step == c["steps"] or (c["eval_every"] and step % c["eval_every"] == 0)):
-            val_loss = evaluate(model, val, dev, rank, world)
+            val_loss = evaluate(model, val, dev, rank, world, c["dtype"])
             if master:
                 log.write(json.dumps({"step": step, "val_loss": round(val_loss, 4)}) + "\n")
                 log.flush()
@@ -354,13 +368,13 @@ def train(c, stage):
 
 
 @torch.no_grad()
-def evaluate(model, val, dev, rank, world):
+def evaluate(model, val, dev, rank, world, dtype):
     """Mean token NLL on the validation items (each rank a share, summed over ranks)."""
     model.eval()
     nll, n = torch.zeros((), device=dev), torch.zeros((), device=dev)
     for i in range(rank, len(val.items) - len(val.items) % world, world):  # equal counts: FSDP forwards are collective
         ex = val.example(i, dev)
-        with autocast(dev):
+        with autocast(dev, dtype):
             s, k = model([ex])
         nll, n = nll + s, n + k
     model.train()

@@ -107,6 +107,7 @@ def main(argv):
     torch.manual_seed(c["seed"])
     dev = torch.device(c["device"])
     cuda = dev.type == "cuda"
+    amp = "bfloat16" if cuda else "float32"  # train_sft's dtype: the frozen weights', which autocast computes in
     model = build(c, dev)
     cfg = model.cfg
     V, S = cfg.llm.vocab_size, -(-c["seconds"] // int(cfg.segment_seconds))  # S Whisper segments
@@ -116,7 +117,7 @@ def main(argv):
     prompt = tuple(torch.randint(10, V, (n,)).tolist() for n in PROMPT_TOKENS)
     captions = [torch.randint(10, V, (c["caption_tokens"],)).tolist() for _ in range(3)]  # chosen (SFT's response), rejected, gt
     cached = (*model.encode(pixels, mel), times, duration)  # the feature cache's entry, on dev as Features.example puts it
-    with torch.no_grad(), autocast(dev):
+    with torch.no_grad(), autocast(dev, amp):
         prefix_len = len(prompt[0]) + model.av_tokens(*cached).size(0) + len(prompt[1])
     seq_len = prefix_len + c["caption_tokens"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,7 +169,7 @@ def main(argv):
     flops, sft, rows = estimate_flops(model, [(seq_len, c["caption_tokens"])]), {}, []
     for ckpt in (True, False):
         model.llm.activation_checkpointing = ckpt
-        t, peak, _ = measure(lambda: train_step(lambda: step_loss(model, [(cached, prompt, captions[0])], 1, dev)),
+        t, peak, _ = measure(lambda: train_step(lambda: step_loss(model, [(cached, prompt, captions[0])], 1, dev, amp)),
                              oom_ok=not ckpt)
         sft[ckpt] = t, flops / t / peak_flops if peak_flops and t != "OOM" else None  # (seconds, MFU)
         planned = plan(cfg, 1, seq_len, c["lora_r"], train_sft.lora_targets, ckpt, 1, SFT_TRAINABLE, train_sft.lora_dropout,
@@ -185,17 +186,17 @@ def main(argv):
         m.dropout.p = train_mrdpo.lora_dropout
     model.eval()
     model.llm.train()
-    with torch.no_grad(), lora.disabled(model), autocast(dev):  # reference log-probs, recorded when the pair was sampled
+    with torch.no_grad(), lora.disabled(model), autocast(dev, amp):  # reference log-probs, recorded when the pair was sampled
         ref = model.continuation_logps(cached, prompt, captions[:2])[0]
     pair = {"chosen_ids": captions[0], "rejected_ids": captions[1], "gt_ids": captions[2],
             "ref_chosen": ref[0].item(), "ref_rejected": ref[1].item()}
 
     def gdpo():
-        with autocast(dev):
+        with autocast(dev, amp):
             return pair_step(model, [(cached, prompt, pair)], dev, DPO)[0]
 
     def five_pass():
-        with autocast(dev):
+        with autocast(dev, amp):
             return five_pass_loss(model, (pixels, mel, times, duration), prompt, captions, DPO["beta"], DPO["ce_weight"])
 
     tg, peak_g, loss_g = measure(lambda: train_step(gdpo))
@@ -210,7 +211,7 @@ def main(argv):
     n, M = 2, c["sample_tokens"]
 
     def sample(k):
-        with autocast(dev):
+        with autocast(dev, amp):
             return model.sample(cached, prompt, n=n, max_new_tokens=k, top_p=0.9)
     t1, _, _ = measure(lambda: sample(1))
     tM, peak_s, _ = measure(lambda: sample(M))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tokenizer
+from model import VideoSALMONN2
 from test_media import write_video, write_wav
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,6 +105,7 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     run(["train_sft.py", part, "--stop_at=3"])  # the same run, interrupted after its step-3 checkpoint
     meta = json.loads((tmp_path / "part" / "ckpt" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["cursor"] == 6
+    os.replace(tmp_path / "part" / "ckpt", tmp_path / "part" / "ckpt.old")  # as a crash between save_checkpoint's renames
     run(["train_sft.py", part, "--resume"])
     assert_same(final_weights(tmp_path / "full"), final_weights(tmp_path / "part"), atol=1e-6)
 
@@ -117,11 +119,15 @@ def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
     rows = [json.loads(x) for x in lines] + [{"video": str(tmp_path / "bad.mp4"), "prompt": "Describe.", "response": "x"}]
     for r in rows[:-1]:
         r["video"] = str(world / r["video"])
+    rows.append({"video": rows[0]["video"], "prompt": "Describe."})  # no response: nothing to train on
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
     sft = write_config(tmp_path / "sft.py", world, tmp_path / "sft", init_from=str(tmp_path / "base" / "final"),
-                       tokenizer="", train_data=str(manifest), steps=2, lora_r=4, lora_alpha=8, trainable=("lora_", "audio."))
+                       tokenizer="", train_data=str(manifest), steps=2, lora_r=4, lora_alpha=8, trainable=("lora_", "audio."),
+                       time_aligned=True)
     out = run(["train_sft.py", sft])
-    assert "4 items (1 skipped)" in out.stdout and "bad.mp4" in out.stdout
+    assert "4 items (2 skipped)" in out.stdout and "bad.mp4" in out.stdout
+    assert f"{manifest}:6): no response to train on" in out.stdout
+    assert VideoSALMONN2.from_pretrained(tmp_path / "sft" / "final").cfg.time_aligned  # set by the script, kept in the export
     align = write_config(tmp_path / "align.py", world, tmp_path / "align", init_from=str(tmp_path / "sft" / "final"),
                          tokenizer="", train_data=str(world / "align.jsonl"), tasks=("asr",), trainable=("audio.",), steps=2)
     run(["train_align.py", align])
