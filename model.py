@@ -634,6 +634,27 @@ class VideoSALMONN2(nn.Module):
         front = min(n_audio, round(duration * AUDIO_SPLIT_RATE))
         return n_frames * self.cfg.tokens_per_frame + -(-front // n_frames) * n_frames + n_audio - front
 
+    def sequence_length(self, example):
+        """Tokens in the LLM sequence of one example (prompt, audio-visual block, response), and in its response."""
+        (vis, aud, times, duration), (before, after), response = example
+        n_frames = 0 if vis is None else vis.size(0)
+        n_audio = 0 if aud is None else aud.size(0) * self.cfg.qformer.tokens_per_segment
+        return len(before) + self.av_length(n_frames, n_audio, duration) + len(after) + len(response), len(response)
+
+    def estimate_flops(self, seqs):
+        """Training FLOPs of (length, response length) sequences, counting the work done (model FLOPs: recomputation
+        under activation checkpointing is not counted): per token and matmul weight 2 forward and 2 for the input
+        gradient, plus 2 for the weight gradient only where weights train (LoRA: few; the toy base: all); the head
+        only on response tokens; causal attention 2 L^2 C per layer forward and twice that backward."""
+        cfg, body, n_train = self.cfg.llm, 0, 0
+        for name, p in self.llm.named_parameters():
+            if p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
+                body, n_train = body + p.numel(), n_train + p.numel() * p.requires_grad
+        head = self.llm.embed_tokens.weight if self.llm.lm_head is None else self.llm.lm_head.weight
+        per_response_token = (4 + 2 * head.requires_grad) * head.numel()
+        return sum((4 * body + 2 * n_train) * L + per_response_token * R + 6 * cfg.num_hidden_layers * cfg.hidden_size * L * L
+                   for L, R in seqs)
+
     def av_tokens(self, vis_feats, aud_feats, frame_times, duration):
         """Cached encoder features of one item -> its audio-visual block (L, D). Audio-only items
         (alignment) have no frames, visual-only ones (the visual base) no audio, text-only ones neither."""

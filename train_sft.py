@@ -259,29 +259,6 @@ def load_checkpoint(model, c):
         return json.load(f), path
 
 
-def sequence_length(model, example):
-    """Tokens in the LLM sequence of one example (prompt, audio-visual block, response), and in its response."""
-    (vis, aud, times, duration), (before, after), response = example
-    n_frames = 0 if vis is None else vis.size(0)
-    n_audio = 0 if aud is None else aud.size(0) * model.cfg.qformer.tokens_per_segment
-    return len(before) + model.av_length(n_frames, n_audio, duration) + len(after) + len(response), len(response)
-
-
-def estimate_flops(model, seqs):
-    """Training FLOPs of (length, response length) sequences, counting the work done (model FLOPs: recomputation
-    under activation checkpointing is not counted): per token and matmul weight 2 forward and 2 for the input
-    gradient, plus 2 for the weight gradient only where weights train (LoRA: few; the toy base: all); the head
-    only on response tokens; causal attention 2 L^2 C per layer forward and twice that backward."""
-    cfg, body, n_train = model.cfg.llm, 0, 0
-    for name, p in model.llm.named_parameters():
-        if p.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name:
-            body, n_train = body + p.numel(), n_train + p.numel() * p.requires_grad
-    head = model.llm.embed_tokens.weight if model.llm.lm_head is None else model.llm.lm_head.weight
-    per_response_token = (4 + 2 * head.requires_grad) * head.numel()
-    return sum((4 * body + 2 * n_train) * L + per_response_token * R + 6 * cfg.num_hidden_layers * cfg.hidden_size * L * L
-               for L, R in seqs)
-
-
 def train(c, stage):
     """The whole run of one stage, configured by the resolved constants c; returns the final model dir."""
     t_start = time.time()
@@ -341,8 +318,8 @@ def train(c, stage):
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update()
-        lengths = [sequence_length(model, ex) for ex in batch]
-        tokens, flops = tokens + sum(L for L, _ in lengths) * world, flops + estimate_flops(model, lengths) * world
+        lengths = [model.sequence_length(ex) for ex in batch]
+        tokens, flops = tokens + sum(L for L, _ in lengths) * world, flops + model.estimate_flops(lengths) * world
         if master and (step % c["log_every"] == 0 or step == c["steps"]):
             dt = time.time() - t0
             rec = {"step": step, "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"], "tok/s": round(tokens / dt),

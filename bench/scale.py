@@ -29,7 +29,7 @@ import train_sft  # noqa: E402
 from config import configure  # noqa: E402
 from model import AVConfig, VideoSALMONN2, av_config_from_hf  # noqa: E402
 from train_mrdpo import pair_step  # noqa: E402
-from train_sft import PEAK_FLOPS, autocast, estimate_flops, step_loss  # noqa: E402
+from train_sft import PEAK_FLOPS, autocast, step_loss  # noqa: E402
 from gdpo_step import five_pass_loss  # noqa: E402
 from memory_plan import SFT_TRAINABLE, plan  # noqa: E402
 
@@ -166,7 +166,7 @@ def main(argv):
 
     # 1. AV-SFT, as train_sft's loop runs it: one example of (features, prompt, response), mean token NLL
     model.train()
-    flops, sft, rows = estimate_flops(model, [(seq_len, c["caption_tokens"])]), {}, []
+    flops, sft, rows = model.estimate_flops([(seq_len, c["caption_tokens"])]), {}, []
     for ckpt in (True, False):
         model.llm.activation_checkpointing = ckpt
         t, peak, _ = measure(lambda: train_step(lambda: step_loss(model, [(cached, prompt, captions[0])], 1, dev, amp)),

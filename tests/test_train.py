@@ -177,11 +177,10 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(world, tmp_path):
 @pytest.mark.parametrize("trainable", [("lora_",), ("llm.",)])
 def test_estimate_flops_equals_the_flops_counted_in_a_step(trainable):
     """The MFU numerator: FLOPs of one forward and backward of the LLM, counted by torch's FlopCounterMode, equal
-    estimate_flops, attention left out (the counter does not see the CPU attention kernel)."""
+    model.estimate_flops, attention left out (the counter does not see the CPU attention kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
     import lora
     from test_av_model import tiny_model
-    from train_sft import estimate_flops
     m = tiny_model()
     lora.apply_lora(m.llm, r=4, alpha=8, dropout=0.0)
     for name, p in m.named_parameters():
@@ -193,5 +192,5 @@ def test_estimate_flops_equals_the_flops_counted_in_a_step(trainable):
         m.response_nll(seqs)[0].backward()
     attention = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
     cfg = m.cfg.llm
-    no_attention = estimate_flops(m, [(9, 4), (9, 3)]) - 6 * cfg.num_hidden_layers * cfg.hidden_size * 2 * 9 * 9
+    no_attention = m.estimate_flops([(9, 4), (9, 3)]) - 6 * cfg.num_hidden_layers * cfg.hidden_size * 2 * 9 * 9
     assert counter.get_total_flops() - attention == no_attention
