@@ -185,9 +185,11 @@ def load_video(path, fps=FPS, max_frames=MAX_FRAMES, image_size=IMAGE_SIZE, n_me
 
 
 def cache_key(path, audio_path, fingerprint, prep):
-    """Changes with either file (path, size, mtime), the encoders and every preprocessing constant."""
+    """Changes with either file (path, size, mtime), the encoders and every preprocessing constant: the
+    settings in prep and the fixed ones of this file (editing one recomputes every cached item)."""
     files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in (path, audio_path) if p]
-    return hashlib.sha256(json.dumps([files, fingerprint, sorted(prep.items())]).encode()).hexdigest()[:32]
+    fixed = [SAMPLE_RATE, N_FFT, HOP_LENGTH, CHUNK_LENGTH, IMAGE_MEAN, IMAGE_STD]
+    return hashlib.sha256(json.dumps([files, fingerprint, sorted(prep.items()), fixed]).encode()).hexdigest()[:32]
 
 
 def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None, **prep):

@@ -268,3 +268,14 @@ def test_continuation_logps_equal_separate_forwards_with_gradients():
     for n, p in m.named_parameters():
         if p.grad is not None:
             assert torch.allclose(shared[n], p.grad, atol=1e-5), n
+
+
+def test_encoder_fingerprint_follows_the_frozen_encoders_only():
+    """The feature cache's key changes with any weight of the tower or Whisper, not with the LLM or the aligner."""
+    base = tiny_model().encoder_fingerprint()
+    assert tiny_model().encoder_fingerprint() == base
+    for part in ("tower", "speech_encoder", "llm", "audio"):
+        m = tiny_model()
+        with torch.no_grad():
+            next(getattr(m, part).parameters()).view(-1)[0] += 1e-3
+        assert (m.encoder_fingerprint() != base) == (part in ("tower", "speech_encoder")), part
