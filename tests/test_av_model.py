@@ -158,7 +158,8 @@ def test_released_checkpoint_layout(tmp_path, monkeypatch):
         assert torch.equal(src.av_tokens(*feats), loaded.av_tokens(*feats))
 
 
-def test_base_from_llava_onevision_and_whisper(tmp_path):
+@pytest.mark.parametrize("layout", ["llava-hf", "lmms-lab"])
+def test_base_from_llava_onevision_and_whisper(tmp_path, monkeypatch, layout):
     torch.manual_seed(0)
     text = dict(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2)
@@ -167,6 +168,19 @@ def test_base_from_llava_onevision_and_whisper(tmp_path):
     llava = hf.LlavaOnevisionForConditionalGeneration(hf.LlavaOnevisionConfig(
         text_config=text, vision_config=vision, image_token_index=5, video_token_index=6)).eval()
     llava.save_pretrained(tmp_path / "llava")
+    if layout == "lmms-lab":  # the original files: a flat Qwen2 config, the SigLIP tower named by mm_vision_tower
+        monkeypatch.setattr(model, "SIGLIP_SO400M", {k: v for k, v in vision.items() if k != "model_type"})
+        renames = [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                   ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                   ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                   ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline")]
+        sd = {}
+        for k, v in load_file(str(tmp_path / "llava" / "model.safetensors")).items():
+            old, new = next((o, n) for o, n in renames if k.startswith(o))
+            sd[new + k[len(old):]] = v
+        save_file(sd, str(tmp_path / "llava" / "model.safetensors"))
+        (tmp_path / "llava" / "config.json").write_text(json.dumps(
+            {**text, "model_type": "llava", "mm_vision_tower": "google/siglip-so400m-patch14-384"}))
     hf.WhisperModel(hf.WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,
                                      encoder_ffn_dim=48, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
                                      vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
