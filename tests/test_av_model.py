@@ -15,6 +15,7 @@ import model
 from conftest import make_tokenizer
 from model import AVConfig, Qwen2Config, SiglipVisionConfig, VideoSALMONN2, WhisperConfig
 from qformer import QFormerConfig
+from test_loaders import to_lmms_lab
 from test_media import write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,15 +171,7 @@ def test_base_from_llava_onevision_and_whisper(tmp_path, monkeypatch, layout):
     llava.save_pretrained(tmp_path / "llava")
     if layout == "lmms-lab":  # the original files: a flat Qwen2 config, the SigLIP tower named by mm_vision_tower
         monkeypatch.setattr(model, "SIGLIP_SO400M", {k: v for k, v in vision.items() if k != "model_type"})
-        renames = [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                   ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-                   ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-                   ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline")]
-        sd = {}
-        for k, v in load_file(str(tmp_path / "llava" / "model.safetensors")).items():
-            old, new = next((o, n) for o, n in renames if k.startswith(o))
-            sd[new + k[len(old):]] = v
-        save_file(sd, str(tmp_path / "llava" / "model.safetensors"))
+        save_file(to_lmms_lab(load_file(str(tmp_path / "llava" / "model.safetensors"))), str(tmp_path / "llava" / "model.safetensors"))
         (tmp_path / "llava" / "config.json").write_text(json.dumps(
             {**text, "model_type": "llava", "mm_vision_tower": "google/siglip-so400m-patch14-384"}))
     hf.WhisperModel(hf.WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,

@@ -15,7 +15,7 @@ import transformers as hf
 
 from data import log_mel_spectrogram
 from model import Qwen2, SiglipVision, WhisperEncoder
-from test_qwen2 import TINY, save_hf_qwen2
+from test_qwen2 import TINY, decode_in_pieces, save_hf_qwen2
 from test_siglip import VISION, randomise_biases
 from test_whisper import save_hf_whisper, tone_and_noise
 
@@ -74,15 +74,9 @@ def test_qwen2_kv_cache_decode_bf16(qwen2):
     x = idx.to(DEV)
     with torch.no_grad():
         full = ours(x)[0]
-        logits, cache = ours(x[:, :16], use_cache=True)
-        steps = [logits]
-        logits, cache = ours(x[:, 16:19], cache=cache, use_cache=True)
-        steps.append(logits)
-        for t in range(19, 24):
-            logits, cache = ours(x[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(logits)
+        logits, cache = decode_in_pieces(ours, x, 16)
         assert cache[0][0].dtype == BF16 and cache[0][0].shape == (2, 2, 24, 16)
-        assert_bf16_parity(torch.cat(steps, dim=1), full, ref(idx).logits, "KV-cache decode", "our full forward")
+        assert_bf16_parity(logits, full, ref(idx).logits, "KV-cache decode", "our full forward")
 
 
 @pytest.mark.parametrize("seed", [7, 8])  # prompts whose greedy continuations vary before settling on one token

@@ -59,19 +59,27 @@ def test_llava_hf_hub_key_names(llava, tmp_path):
         assert (SiglipVision.from_pretrained(hub)(px) - reference_outputs(ref, torch.zeros(1, 1, dtype=torch.long), px)[1][-1]).abs().max() <= 1e-4
 
 
+LMMS_LAB_RENAMES = [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                    ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                    ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                    ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline")]
+
+
+def to_lmms_lab(state):
+    """A llava-hf LLaVA-OneVision state dict under the original lmms-lab key names."""
+    out = {}
+    for k, v in state.items():
+        old, new = next((o, n) for o, n in LMMS_LAB_RENAMES if k.startswith(o))
+        out[new + k[len(old):]] = v
+    return out
+
+
 def test_lmms_lab_layout(llava, tmp_path, monkeypatch):
     """The original LLaVA-OneVision files: one flat Qwen2 config with mm_* keys, the tower under
     model.vision_tower.vision_tower.vision_model.*, its last layer dropped; plus video-SALMONN 2's audio keys."""
     ref, path = llava
     monkeypatch.setattr(model, "SIGLIP_SO400M", {k: v for k, v in VISION.items() if k != "model_type"})
-    renames = [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-               ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-               ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-               ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline")]
-    sd = {}
-    for k, v in load_file(str(path / "model.safetensors")).items():
-        old, new = next((o, n) for o, n in renames if k.startswith(o))
-        sd[new + k[len(old):]] = v
+    sd = to_lmms_lab(load_file(str(path / "model.safetensors")))
     sd["speech_Qformer.bert.embeddings.LayerNorm.weight"] = torch.ones(8)  # the released model's audio half
     sd["final_linear.0.weight"] = torch.ones(64, 64)
     lmms = write_layout(tmp_path / "lmms", sd, {**TEXT, "model_type": "llava", "mm_vision_tower": "google/siglip-so400m-patch14-384"})

@@ -40,20 +40,26 @@ def tiny_qwen2(seed=0, **kw):
     return Qwen2(Qwen2Config(**{**TINY, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1e4, **kw})).eval()
 
 
+def decode_in_pieces(m, idx, prefill, chunk=3):
+    """Logits of idx (B, T) from a prefill of its first `prefill` tokens, then a chunk of `chunk` (the masked path),
+    then single tokens, each over the KV cache; and the final cache."""
+    with torch.no_grad():
+        logits, cache = m(idx[:, :prefill], use_cache=True)
+        steps = [logits]
+        for a, b in [(prefill, prefill + chunk)] + [(t, t + 1) for t in range(prefill + chunk, idx.size(1))]:
+            logits, cache = m(idx[:, a:b], cache=cache, use_cache=True)
+            steps.append(logits)
+    return torch.cat(steps, dim=1), cache
+
+
 def test_kv_cache_decode_equals_full_forward():
     m = tiny_qwen2()
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full, _ = m(idx)
-        logits, cache = m(idx[:, :12], use_cache=True)  # prefill, then chunks of 3 and single tokens
-        steps = [logits]
-        logits, cache = m(idx[:, 12:15], cache=cache, use_cache=True)
-        steps.append(logits)
-        for t in range(15, 20):
-            logits, cache = m(idx[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(logits)
+    logits, cache = decode_in_pieces(m, idx, 12)
     assert cache[0][0].shape == (2, 2, 20, 16)
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert torch.allclose(logits, full, atol=1e-5)
 
 
 def test_shared_prefix_equals_separate_runs_with_gradients():
