@@ -21,13 +21,12 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from config import configure
 from data import encode_prompt, load_tokenizer, media_features, read_manifest
-from judge import SEED, JudgeClient, JudgeError, median_of_runs, rates, toy_judge
+from judge import SEED, JudgeClient, JudgeError, each, median_of_runs, rates, toy_judge
 from model import VideoSALMONN2
 
 # -----------------------------------------------------------------------------
@@ -179,6 +178,11 @@ def percent_row(name, r):
     return f"{name:<12}{100 * r['miss']:>7.1f}{100 * r['hall']:>7.1f}{100 * r['total']:>8.1f}"
 
 
+def event_texts(item):
+    """A manifest item's atomic events as sentences (a toy manifest's are dicts with the sentence under "text")."""
+    return [e["text"] if isinstance(e, dict) else e for e in item["events"]]
+
+
 def caption_benchmark(model, tok, c):
     """The released caption benchmark: a greedy caption per video, judged JUDGE_RUNS times against the atomic events
     with seeds SEED, SEED + 1, ...; the run with the median Total is reported, its rates over the items it judged."""
@@ -186,9 +190,8 @@ def caption_benchmark(model, tok, c):
     outs = generate(model, tok, items, c["use_audio"], {**c, "max_new_tokens": c["caption_tokens"]}, finished=True)
     ids = [str(it.get("id") or video_id(it["video"], c)) for it in items]
     client = JudgeClient(c["judge_model"] or None, cache_path=c["judge_cache"])
-    try:  # a toy manifest's events are dicts with their sentence under "text"
-        run = median_of_runs(client, [{"id": i, "caption": text, "truncated": not ended,
-                                       "events": [e["text"] if isinstance(e, dict) else e for e in it["events"]]}
+    try:
+        run = median_of_runs(client, [{"id": i, "caption": text, "truncated": not ended, "events": event_texts(it)}
                                       for i, it, (text, ended) in zip(ids, items, outs)], JUDGE_RUNS, workers=c["workers"])
     finally:
         client.close()
@@ -278,13 +281,9 @@ def qa_from_captions(model, tok, c):
     def ask(it):  # the video's own prompt, asked of its description
         question = it["prompt"].replace("based on the video", "based on the description of the video")
         messages = [{"role": "user", "content": CAPTION_QA_PROMPT.format(caption=caps[it["video"]], question=question)}]
-        try:
-            return client.ask(messages, parse_letter, SEED, f"item {it.get('id', video_id(it['video'], c))}")
-        except JudgeError as e:
-            return e
+        return client.ask(messages, parse_letter, SEED, f"item {it.get('id', video_id(it['video'], c))}")
     try:
-        with ThreadPoolExecutor(max_workers=c["workers"]) as pool:
-            outs = list(pool.map(ask, items))
+        outs = each(ask, items, c["workers"])
     finally:
         client.close()
     failed = [str(o) for o in outs if isinstance(o, JudgeError)]
@@ -325,25 +324,21 @@ def add_events(c):
         raise SystemExit("--task=events needs --events_out=FILE")
     items = [it for it in read_manifest(c["manifest"]) if it["task"] == "caption" and it.get("response")][:c["limit"] or None]
     client = JudgeClient(c["events_model"], cache_path=c["judge_cache"])
-
-    def one(it):
-        try:
-            return client.decompose(it["response"], name=it["line"])
-        except JudgeError as e:
-            print(e, flush=True)
     try:
-        with ThreadPoolExecutor(max_workers=c["workers"]) as pool:
-            events = list(pool.map(one, items))
+        events = each(lambda it: client.decompose(it["response"], name=it["line"]), items, c["workers"])
     finally:
         client.close()
+    for e in events:
+        if isinstance(e, JudgeError):
+            print(e, flush=True)
     root = os.path.dirname(os.path.abspath(c["events_out"]))
     with open(c["events_out"] + ".tmp", "w") as f:
         for it, ev in zip(items, events):
-            if ev is not None:  # media paths relative to the new manifest, as read_manifest expects
+            if not isinstance(ev, JudgeError):  # media paths relative to the new manifest, as read_manifest expects
                 rec = {k: os.path.relpath(v, root) if k in ("video", "audio") else v for k, v in it.items() if k != "line"}
                 f.write(json.dumps({**rec, "events": ev}, ensure_ascii=False) + "\n")
     os.replace(c["events_out"] + ".tmp", c["events_out"])
-    kept = sum(ev is not None for ev in events)
+    kept = sum(not isinstance(ev, JudgeError) for ev in events)
     print(f"events: {kept} of {len(items)} captions decomposed by {client.model} -> {c['events_out']}")
     return {"items": len(items), "decomposed": kept}
 
@@ -353,8 +348,8 @@ def load_model(c):
 
 
 def run_task(c):
-    if c["task"] in ("elo", "events"):
-        return elo_table(c) if c["task"] == "elo" else add_events(c)
+    if c["task"] in (no_model := {"elo": elo_table, "events": add_events}):
+        return no_model[c["task"]](c)
     tasks = {"captions": caption_benchmark, "qa": qa_benchmark, "qa_from_captions": qa_from_captions}
     if c["task"] not in tasks:
         raise SystemExit(f"unknown task {c['task']!r}: captions, qa, qa_from_captions, elo or events")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import lora
 from config import configure
 from data import load_tokenizer
-from model import VideoSALMONN2, save_safetensors
+from model import VideoSALMONN2, ours_to_released, save_safetensors
 from train_sft import build_model
 
 # -----------------------------------------------------------------------------
@@ -74,8 +74,7 @@ def export(c):
     model.save_pretrained(tmp, state, shard_bytes)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     qwen = os.path.join(tmp, "qwen2")
-    llm = {("lm_head." + k[len("llm.lm_head."):]) if k.startswith("llm.lm_head.") else "model." + k[len("llm."):]: v
-           for k, v in state.items() if k.startswith("llm.")}
+    llm = {ours_to_released(k): v for k, v in state.items() if k.startswith("llm.")}  # the released LLM keys are Qwen2's
     save_safetensors(llm, qwen, shard_bytes)
     tok.save(os.path.join(qwen, "tokenizer.json"))
     hf = qwen2_config(model.cfg.llm, tok, dt)

@@ -328,18 +328,26 @@ class JudgeClient:
         parallel. Returns (results, errors): the judgment of each item that succeeded, with its "id", in the items'
         order, and {id: one-line error} for the others. An item's failure costs no other item its result; an error
         that stops the batch (wrong key or model) loses nothing either, as every answer is already in the cache."""
-        def one(i, item):
-            ident = item.get("id", i)
-            try:
-                return {"id": ident, **self.judge(item["caption"], item["events"], seed, item.get("truncated", False),
-                                                  f"item {ident}")}
-            except JudgeError as e:
-                return e
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            outcomes = list(pool.map(one, range(len(items)), items))
+        def one(i):
+            item, ident = items[i], items[i].get("id", i)
+            return {"id": ident, **self.judge(item["caption"], item["events"], seed, item.get("truncated", False),
+                                              f"item {ident}")}
+        outcomes = each(one, range(len(items)), workers)
         results = [o for o in outcomes if isinstance(o, dict)]
         errors = {item.get("id", i): str(o) for i, (item, o) in enumerate(zip(items, outcomes)) if isinstance(o, JudgeError)}
         return results, errors
+
+
+def each(fn, items, workers=WORKERS):
+    """[fn(item) for item in items], run in parallel threads (the LLM calls wait on the network); an item whose
+    fn raises JudgeError gets the error as its outcome, so one item's failure costs no other item its result."""
+    def one(item):
+        try:
+            return fn(item)
+        except JudgeError as e:
+            return e
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, items))
 
 
 def median_of_runs(client, items, runs=RUNS, seed=SEED, workers=WORKERS):

@@ -776,12 +776,12 @@ def save_safetensors(state, path, max_shard_bytes=None):
     model.safetensors.index.json that Hugging Face loaders (and checkpoint_keys) read."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    shards, size = [{}], 0
+    shards, size, total = [{}], 0, 0
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()
         if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
             shards, size = shards + [{}], 0
-        shards[-1][k], size = v.detach().contiguous().cpu(), size + nbytes
+        shards[-1][k], size, total = v.detach().contiguous().cpu(), size + nbytes, total + nbytes
     if len(shards) == 1:
         return save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     weight_map = {}
@@ -789,7 +789,6 @@ def save_safetensors(state, path, max_shard_bytes=None):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in state.values())
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
 

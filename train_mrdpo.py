@@ -30,7 +30,7 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 import lora
 from config import configure
 from data import read_manifest
-from eval import caption_scores, generate, merge_results, toy_world
+from eval import caption_scores, event_texts, generate, merge_results, toy_world
 from judge import JudgeClient, JudgeError, rates, repetition_rate, toy_judge
 from train_sft import Features, all_sum, autocast, build_model, full_state, lr_at, setup_distributed, shard
 
@@ -133,8 +133,7 @@ def judge_sample(text, item, judge, finished):
     """Total error and repetition rate of one sampled caption against the item's atomic events: judge is
     the toy world (exact) or a judge.JudgeClient; an unfinished caption is de-looped first, as released."""
     if isinstance(judge, JudgeClient):
-        events = [e["text"] if isinstance(e, dict) else e for e in item["events"]]
-        j = judge.judge(text, events, truncated=not finished, name=item.get("id", item["line"]))
+        j = judge.judge(text, event_texts(item), truncated=not finished, name=item.get("id", item["line"]))
     else:
         j = toy_judge(judge.parse_caption(text), [e["key"] for e in item["events"]])
     n = max(1, j["events"])
@@ -259,8 +258,7 @@ def evaluate_round(model, tok, c, judge, split, rank, world_size):
     if not isinstance(judge, JudgeClient):
         return caption_scores(judge, [text for text, _ in outs], items)
     judged, errors = judge.judge_all([{"id": it.get("id", it["line"]), "caption": text, "truncated": not ended,
-                                       "events": [e["text"] if isinstance(e, dict) else e for e in it["events"]]}
-                                      for it, (text, ended) in zip(items, outs)])
+                                       "events": event_texts(it)} for it, (text, ended) in zip(items, outs)])
     for e in errors.values():
         print(f"{split}: {e}", flush=True)
     return rates(judged)
@@ -270,8 +268,8 @@ def main(c):
     t_start = time.time()
     rank, world_size, dev = setup_distributed(c["device"])
     os.makedirs(c["out_dir"], exist_ok=True)
-    world = toy_world()  # per-round evaluation on the toy test split, and the exact judge
-    llm_judge = JudgeClient(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite")) if c["judge"] == "llm" else None
+    # the exact toy judge (the toy world's caption grammar) or the LLM judge, for the samples and each round's rates
+    judge = toy_world() if c["judge"] == "toy" else JudgeClient(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"))
     history = []
     for t in range(1, c["rounds"] + 1):
         rdir = os.path.join(c["out_dir"], f"round{t}")
@@ -279,7 +277,6 @@ def main(c):
         if os.path.exists(os.path.join(rdir, "done.json")):
             history.append(json.load(open(os.path.join(rdir, "done.json"))))
             continue
-        judge = world if c["judge"] == "toy" else llm_judge
         proxy_path = os.path.join(rdir, "proxy.safetensors")
         if not os.path.exists(proxy_path):  # else the round crashed while evaluating: its training is done
             model, tok = round_model(c, dev, t - 1)

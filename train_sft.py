@@ -134,8 +134,8 @@ def lr_at(step, c):
 
 
 class Features:
-    """Cached encoder features and token ids of manifest items. Items whose media cannot be read are
-    dropped once, up front (every rank agrees), counted and named, so training never meets them."""
+    """Cached encoder features and token ids of manifest items. Items without a response or whose media cannot
+    be read are dropped once, up front (every rank agrees), counted and named, so training never meets them."""
 
     def __init__(self, model, tok, items, c, rank, world):
         cfg = model.cfg
@@ -143,16 +143,16 @@ class Features:
         self.prep = dict(fps=c["fps"], max_frames=c["max_frames"], image_size=cfg.vision.image_size,
                          n_mels=cfg.whisper.num_mel_bins, segment_seconds=cfg.segment_seconds)
         self.fingerprint = model.encoder_fingerprint()
-        bad = {i for i, it in enumerate(items) if not isinstance(it.get("response"), str)}  # the same on every rank
-        for i in sorted(bad)[:len(bad) if rank == 0 else 0]:
-            print(f"skipped bad sample ({items[i]['line']}): no response to train on", flush=True)
-        for i in range(rank, len(items), world):  # warm the cache: each rank its share
-            if i in bad:
-                continue
-            try:
-                self.features(items[i])
-            except MediaError as e:
-                print(f"skipped bad sample ({items[i]['line']}): {e}", flush=True)
+        bad = set()
+        for i in range(rank, len(items), world):  # check, and warm the cache: each rank its share
+            problem = None if isinstance(items[i].get("response"), str) else "no response to train on"
+            if problem is None:
+                try:
+                    self.features(items[i])
+                except MediaError as e:
+                    problem = e
+            if problem:
+                print(f"skipped bad sample ({items[i]['line']}): {problem}", flush=True)
                 bad.add(i)
         if world > 1:
             gathered = [None] * world

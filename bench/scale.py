@@ -31,7 +31,7 @@ from model import AVConfig, VideoSALMONN2, av_config_from_hf  # noqa: E402
 from train_mrdpo import pair_step  # noqa: E402
 from train_sft import PEAK_FLOPS, autocast, step_loss  # noqa: E402
 from gdpo_step import five_pass_loss  # noqa: E402
-from memory_plan import SFT_TRAINABLE, plan  # noqa: E402
+from memory_plan import QWEN2_7B, SFT_TRAINABLE, plan  # noqa: E402
 
 # -----------------------------------------------------------------------------
 layers = 28  # LLM layers (Qwen2-7B: 28); fewer to fit a smaller card
@@ -46,8 +46,6 @@ smoke = False  # toy shapes, for the test
 device = "cuda" if torch.cuda.is_available() else "cpu"
 seed = 1337
 # -----------------------------------------------------------------------------
-QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)  # its config.json
 PROMPT_TOKENS = (14, 50)  # chat prompt ids before / after the AV block: Qwen2's template with caption.py's prompt, about
 BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # HBM bytes/s; most specific first
 DPO = {"beta": train_mrdpo.beta, "ce_weight": train_mrdpo.ce_weight}
@@ -66,11 +64,10 @@ def tiny_config(n_layer):
         pool=2, segment_seconds=30.0, time_aligned=False))
 
 
-def build(c, dev):
-    """The model with config/vs2_7b_sft.py's trainable set and train_sft.build_model's dtypes (trainable fp32, frozen bf16 on GPU), built on
-    the meta device and materialised once on dev, so a 7B model is never held twice, nor in fp32."""
+def build(c, dev, frozen):
+    """The model with config/vs2_7b_sft.py's trainable set and train_sft.build_model's dtypes (trainable fp32, frozen
+    `frozen`), built on the meta device and materialised once on dev, so a 7B model is never held twice, nor in fp32."""
     cfg = tiny_config(c["layers"]) if c["smoke"] else av_config_from_hf(dict(QWEN2_7B, num_hidden_layers=c["layers"]))
-    frozen = torch.bfloat16 if dev.type == "cuda" else torch.float32
     with torch.device("meta"):
         model = VideoSALMONN2(cfg)
         lora.apply_lora(model.llm, train_sft.lora_targets, c["lora_r"], 2 * c["lora_r"], train_sft.lora_dropout)
@@ -108,7 +105,7 @@ def main(argv):
     dev = torch.device(c["device"])
     cuda = dev.type == "cuda"
     amp = "bfloat16" if cuda else "float32"  # train_sft's dtype: the frozen weights', which autocast computes in
-    model = build(c, dev)
+    model = build(c, dev, getattr(torch, amp))
     cfg = model.cfg
     V, S = cfg.llm.vocab_size, -(-c["seconds"] // int(cfg.segment_seconds))  # S Whisper segments
     pixels = torch.randn(c["frames"], 3, cfg.vision.image_size, cfg.vision.image_size, device=dev)
