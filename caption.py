@@ -13,7 +13,8 @@ import torch
 
 from config import configure
 from data import MediaError, encode_prompt, load_tokenizer, load_video
-from model import VideoSALMONN2, av_config_from_hf, read_config
+from checkpoint import av_config_from_hf, read_config
+from model import VideoSALMONN2
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # checkpoint directory

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from model import CHUNK_LENGTH, HOP_LENGTH, N_FFT, SAMPLE_RATE
+from encoders import CHUNK_LENGTH, HOP_LENGTH, N_FFT, SAMPLE_RATE
 
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s chunk
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s chunk

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 import lora
+from checkpoint import save_hf_qwen2
 from config import configure
 from data import load_tokenizer
-from model import VideoSALMONN2, ours_to_released, save_safetensors
+from model import VideoSALMONN2
 from train_sft import build_model
 
 # -----------------------------------------------------------------------------
@@ -30,12 +31,6 @@ out = ""  # written whole to out.tmp, then renamed
 dtype = "bfloat16"  # of the exported weights ("" keeps the checkpoint's)
 max_shard_gb = 5.0  # safetensors shard size, as Hugging Face uploads use
 # -----------------------------------------------------------------------------
-# Qwen2-7B-Instruct's; RoPE has no learned positions, so for serving this is only the advertised context
-MAX_POSITIONS = 32768
-CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                 "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-                 "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # Qwen2-Instruct's
 
 
 def load(path):
@@ -56,14 +51,6 @@ def load(path):
     return lora.merge_lora(model), tok
 
 
-def qwen2_config(cfg, tok, dt):
-    """Hugging Face's Qwen2 config.json for our Qwen2Config (its field names are transformers')."""
-    im_end = tok.token_to_id("<|im_end|>")
-    return {**vars(cfg), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-            "max_position_embeddings": MAX_POSITIONS, "attention_dropout": 0.0, "use_sliding_window": False,
-            "bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": im_end, "torch_dtype": str(dt).split(".")[-1]}
-
-
 def export(c):
     model, tok = load(c["ckpt"])
     dt = getattr(torch, c["dtype"]) if c["dtype"] else next(model.llm.parameters()).dtype
@@ -74,18 +61,7 @@ def export(c):
     model.save_pretrained(tmp, state, shard_bytes)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     qwen = os.path.join(tmp, "qwen2")
-    llm = {ours_to_released(k): v for k, v in state.items() if k.startswith("llm.")}  # the released LLM keys are Qwen2's
-    save_safetensors(llm, qwen, shard_bytes)
-    tok.save(os.path.join(qwen, "tokenizer.json"))
-    hf = qwen2_config(model.cfg.llm, tok, dt)
-    files = {"config.json": hf,
-             "generation_config.json": {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]},
-             "tokenizer_config.json": {"tokenizer_class": "Qwen2TokenizerFast", "chat_template": CHAT_TEMPLATE,
-                                       "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
-                                       "model_max_length": MAX_POSITIONS}}
-    for name, obj in files.items():
-        with open(os.path.join(qwen, name), "w") as f:
-            json.dump(obj, f, indent=1)
+    save_hf_qwen2(state, model.cfg.llm, tok, qwen, dt, shard_bytes)
     shutil.rmtree(c["out"], ignore_errors=True)
     os.replace(tmp, c["out"])
     print(f"exported {c['ckpt']} -> {c['out']} (released layout) and {qwen.replace(tmp, c['out'])} (Qwen2ForCausalLM)")

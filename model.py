@@ -1,28 +1,26 @@
 """
-video-SALMONN 2 in plain PyTorch: the three frozen backbones and their checkpoint loaders.
+video-SALMONN 2 in plain PyTorch: the LLM and the assembled audio-visual model.
 
 - Qwen2: the LLM (RMSNorm, RoPE with configurable theta, grouped-query attention through
   scaled_dot_product_attention, q/k/v bias, SwiGLU MLP, tied or untied head), with a KV cache
   whose batch-1 prefix can serve N continuations (one video, N captions).
-- WhisperEncoder: the audio encoder of Whisper (conv stem, sinusoidal positions, pre-LN blocks).
-- SiglipVision: the SigLIP tower, returning the last kept layer before post-layernorm.
-- VideoSALMONN2: tower -> projector -> 2x2 max-pool -> row newlines per frame; Whisper per 30 s
-  segment -> window-level Q-Former (qformer.py); the two interleaved frame by frame (paper Eq. 4-6)
-  inside the Qwen2 chat prompt.
-Each module's parameter names equal the Hugging Face ones below a prefix, so loading is renaming.
+- VideoSALMONN2: frozen SigLIP (encoders.py) -> projector -> 2x2 max-pool -> row newlines per frame;
+  frozen Whisper (encoders.py) per 30 s segment -> window-level Q-Former (qformer.py); the two
+  interleaved frame by frame (paper Eq. 4-6) inside the Qwen2 chat prompt.
+Each module's parameter names equal the Hugging Face ones below a prefix, so loading is renaming
+(checkpoint.py).
 """
 import hashlib
 import json
 import math
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import safe_open
 
+from encoders import CHUNK_LENGTH, SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder, init_normal
 from qformer import AudioAligner, QFormerConfig
 
 # -----------------------------------------------------------------------------
@@ -156,12 +154,13 @@ class Qwen2(nn.Module):
         # a tied head reads embed_tokens.weight, so there is nothing to load or tie for it
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # trade a second forward of each block for its activations
-        _init_normal(self)
+        init_normal(self)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
         """Qwen2ForCausalLM, the released video-SALMONN 2, or either LLaVA-OneVision layout."""
-        return load_qwen2(cls, path, dtype, device)
+        import checkpoint
+        return checkpoint.load_qwen2(cls, path, dtype, device)
 
     def head(self, h):
         return F.linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
@@ -232,300 +231,10 @@ def greedy_or_nucleus(logits, temperature, top_p, greedy, generator=None):
     return order.gather(1, choice)[:, 0]
 
 
-def _init_normal(module, std=0.02):
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)):
-            nn.init.normal_(m.weight, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-
-
-# -----------------------------------------------------------------------------
-# Whisper encoder
-
-SAMPLE_RATE = 16000  # Hz
-N_FFT = 400  # 25 ms window
-HOP_LENGTH = 160  # 10 ms hop: 100 mel frames per second
-CHUNK_LENGTH = 30  # seconds of audio per encoder input
-# the stride-2 conv makes 50 encoder frames per second (20 ms each)
-
-
-@dataclass
-class WhisperConfig:  # field names and defaults are those of transformers' WhisperConfig
-    num_mel_bins: int = 80
-    d_model: int = 384
-    encoder_layers: int = 4
-    encoder_attention_heads: int = 6
-    encoder_ffn_dim: int = 1536
-    max_source_positions: int = 1500  # encoder frames per input: 1500 = 30 s
-
-
-def sinusoids(length, channels, max_timescale=10000):
-    """Whisper's sinusoidal table (length, channels): sines in the first half, cosines in the second."""
-    inc = math.log(max_timescale) / (channels // 2 - 1)
-    inv = torch.exp(-inc * torch.arange(channels // 2, dtype=torch.float))
-    t = torch.arange(length, dtype=torch.float)[:, None] * inv[None, :]  # (length, channels/2)
-    return torch.cat([t.sin(), t.cos()], dim=1)
-
-
-class EncoderAttention(nn.Module):
-    """Bidirectional multi-head attention with the projections named as in Whisper and SigLIP."""
-
-    def __init__(self, dim, n_head, k_bias=True):
-        super().__init__()
-        self.n_head = n_head
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim, bias=k_bias)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-
-
-class WhisperBlock(nn.Module):
-    def __init__(self, cfg: WhisperConfig):
-        super().__init__()
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.self_attn = EncoderAttention(cfg.d_model, cfg.encoder_attention_heads, k_bias=False)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
-
-
-class WhisperEncoder(nn.Module):
-    """Log-mel (B, n_mels, 2 * max_source_positions) -> (B, max_source_positions, d_model)."""
-
-    def __init__(self, cfg: WhisperConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.conv1 = nn.Conv1d(cfg.num_mel_bins, cfg.d_model, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(cfg.d_model, cfg.d_model, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(cfg.max_source_positions, cfg.d_model)
-        self.layers = nn.ModuleList(WhisperBlock(cfg) for _ in range(cfg.encoder_layers))
-        self.layer_norm = nn.LayerNorm(cfg.d_model)
-        _init_normal(self)
-        self.embed_positions.weight.data.copy_(sinusoids(cfg.max_source_positions, cfg.d_model))
-        self.embed_positions.requires_grad_(False)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu"):
-        """WhisperForConditionalGeneration or WhisperModel; the decoder is not loaded."""
-        return load_whisper(cls, path, dtype, device)
-
-    def forward(self, mel):
-        assert mel.shape[1:] == (self.cfg.num_mel_bins, 2 * self.cfg.max_source_positions), f"expected mel (B, {self.cfg.num_mel_bins}, {2 * self.cfg.max_source_positions}), got {tuple(mel.shape)}"
-        x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T, C)
-        x = x + self.embed_positions.weight
-        for block in self.layers:
-            x = block(x)
-        return self.layer_norm(x)
-
-
-# -----------------------------------------------------------------------------
-# SigLIP vision tower
-
-
-@dataclass
-class SiglipVisionConfig:  # field names and defaults are those of transformers' SiglipVisionConfig
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 16
-    layer_norm_eps: float = 1e-6
-    keep_layers: int = 0  # layers run (0: all); LLaVA-OneVision drops the last layer of so400m
-
-    @property
-    def grid(self):  # patches per side
-        return self.image_size // self.patch_size
-
-
-# google/siglip-so400m-patch14-384, whose config the original LLaVA-OneVision layout does not carry
-SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                     image_size=384, patch_size=14)
-
-
-class SiglipBlock(nn.Module):
-    def __init__(self, cfg: SiglipVisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = EncoderAttention(cfg.hidden_size, cfg.num_attention_heads)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(cfg.hidden_size, cfg.intermediate_size),
-                                      fc2=nn.Linear(cfg.intermediate_size, cfg.hidden_size)))
-
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
-
-
-class SiglipVision(nn.Module):
-    """Pixels (B, 3, H, W), normalised to [-1, 1] -> patch features (B, grid * grid, hidden_size)."""
-
-    def __init__(self, cfg: SiglipVisionConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embeddings = nn.ModuleDict(dict(
-            patch_embedding=nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size),
-            position_embedding=nn.Embedding(cfg.grid ** 2, cfg.hidden_size)))
-        n = cfg.keep_layers or cfg.num_hidden_layers
-        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(SiglipBlock(cfg) for _ in range(n))))
-        _init_normal(self)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", keep_layers=None):
-        """SiglipVisionModel, SiglipModel (vision half), or either LLaVA-OneVision layout."""
-        return load_siglip(cls, path, dtype, device, keep_layers)
-
-    def forward(self, pixels):
-        x = self.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, C)
-        x = x + self.embeddings.position_embedding.weight
-        for block in self.encoder.layers:
-            x = block(x)
-        return x
-
-
-# -----------------------------------------------------------------------------
-# Loading Hugging Face checkpoints: build on the meta device, then assign the tensors read from
-# safetensors, so a 7B model is never held twice.
-
-
-def read_config(path):
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
-
-
-def make_config(cls, d, **overrides):
-    """A config dataclass from a Hugging Face config dict (unknown keys ignored)."""
-    d = dict(d)
-    if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # transformers >= 5 layout
-        d["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in {**d, **overrides}.items() if k in names})
-
-
-def checkpoint_keys(path):
-    """{tensor name: safetensors file} for model.safetensors or a sharded index."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
-
-
-def load_into(model, path, rename, dtype=None, device="cpu", only=None):
-    """Load every checkpoint tensor whose rename(key) is not None into model (built on meta).
-    rename maps a checkpoint key to a parameter name, or None for tensors deliberately left out;
-    only (a tuple of name prefixes) restricts the load to part of the model."""
-    files = checkpoint_keys(path)
-    wanted = {}
-    for key, file in files.items():
-        name = rename(key)
-        if name is not None and (only is None or name.startswith(only)):
-            wanted.setdefault(file, []).append((key, name))
-    expected = {k for k in model.state_dict() if only is None or k.startswith(only)}
-    got = {name for pairs in wanted.values() for _, name in pairs}
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: cannot load {type(model).__name__}: "
-                         f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
-    state = {}
-    for file, pairs in wanted.items():
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key, name in pairs:
-                t = f.get_tensor(key)
-                state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    model.load_state_dict(state, strict=only is None, assign=True)
-    return model
-
-
-def strip(prefix):
-    return lambda k: k[len(prefix):] if k.startswith(prefix) else None
-
-
-def load_qwen2(cls, path, dtype=None, device="cpu"):
-    cfg = make_config(Qwen2Config, read_config(path).get("text_config", read_config(path)))  # llava-hf nests it
-    with torch.device("meta"):
-        model = cls(cfg)
-    hf = any(k.startswith("language_model.") for k in checkpoint_keys(path))
-    body, head = ("language_model.model.", "language_model.lm_head.") if hf else ("model.", "lm_head.")
-    skip = ("model.vision_tower.", "model.mm_projector.", "model.image_newline")  # the visual half of LLaVA
-
-    def rename(k):
-        if k.startswith(head):  # some exports of a tied model still carry the duplicate head
-            return None if cfg.tie_word_embeddings else "lm_head." + k[len(head):]
-        return None if k.startswith(skip) else strip(body)(k)
-    return load_into(model, path, rename, dtype, device)
-
-
-def load_whisper(cls, path, dtype=None, device="cpu"):
-    cfg = make_config(WhisperConfig, read_config(path))
-    with torch.device("meta"):
-        model = cls(cfg)
-    keys = checkpoint_keys(path)
-    prefix = "model.encoder." if any(k.startswith("model.encoder.") for k in keys) else "encoder."
-    return load_into(model, path, strip(prefix), dtype, device)
-
-
-# original LLaVA-OneVision; llava-hf as on the hub and as transformers 5 saves it; SiglipModel and hub
-# SiglipVisionModel; SiglipVisionModel as transformers 5 saves it
-SIGLIP_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_tower.",
-                   "vision_model.", "")
-
-
-def load_siglip(cls, path, dtype=None, device="cpu", keep_layers=None):
-    raw = read_config(path)
-    if "mm_vision_tower" in raw:  # original LLaVA-OneVision: so400m with its last layer dropped (26 of 27)
-        cfg = make_config(SiglipVisionConfig, SIGLIP_SO400M)
-        keep_layers = keep_layers or cfg.num_hidden_layers - 1
-    elif raw.get("model_type") == "llava_onevision":  # llava-hf keeps the 26 layers it uses
-        cfg = make_config(SiglipVisionConfig, raw["vision_config"])
-    else:  # SiglipVisionModel, or SiglipModel whose vision half is nested
-        cfg = make_config(SiglipVisionConfig, raw.get("vision_config", raw))
-    if keep_layers:
-        cfg.keep_layers = keep_layers
-    with torch.device("meta"):
-        model = cls(cfg)
-    keys = checkpoint_keys(path)
-    prefix = next((p for p in SIGLIP_PREFIXES if p + "embeddings.patch_embedding.weight" in keys), "vision_model.")
-    n_run = cfg.keep_layers or cfg.num_hidden_layers
-    return load_into(model, path, lambda k: tower_key(strip(prefix)(k), n_run), dtype, device)
-
-
-def tower_key(k, n_run):
-    """A SigLIP key (below the vision_model prefix) we load, or None: we return features before
-    post-layernorm, never use the pooling head, and skip the layers past the kept ones."""
-    if k is None or k.startswith(("post_layernorm.", "head.")):
-        return None
-    if k.startswith("encoder.layers.") and int(k.split(".")[2]) >= n_run:
-        return None
-    return k
-
-
-
 # -----------------------------------------------------------------------------
 # video-SALMONN 2: the audio-visual model
 
 # openai/whisper-large-v3's encoder, whose config the released checkpoint does not carry
-WHISPER_LARGE_V3 = dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
-                        encoder_ffn_dim=5120, max_source_positions=1500)
 AUDIO_SPLIT_RATE = 50  # the released code keeps round(50 * duration) audio tokens "in front": in practice all
 
 
@@ -720,40 +429,15 @@ class VideoSALMONN2(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
         """A checkpoint in the released video-SALMONN 2 layout (ours carry their full config)."""
-        raw = read_config(path)
-        cfg = av_config_from_hf(raw)
-        with torch.device("meta"):
-            model = cls(cfg)
-        n_run = cfg.vision.keep_layers or cfg.vision.num_hidden_layers
-
-        def rename(k):
-            ours = released_to_ours(k)
-            if ours is not None and ours.startswith("tower."):
-                return "tower." + t if (t := tower_key(ours[len("tower."):], n_run)) else None
-            return ours
-        load_into(model, path, rename, dtype, device)
-        return model.freeze_encoders()
+        import checkpoint  # checkpoint.py builds the classes of this file: imported when called, not at the top
+        return checkpoint.load_video_salmonn2(cls, path, dtype, device)
 
     @classmethod
     def from_base(cls, llava_path, whisper_path, qformer_cfg=None, dtype=None, device="cpu"):
         """The starting point of audio alignment: LLaVA-OneVision (either layout) and a Whisper
         checkpoint, with a fresh audio aligner."""
-        llm = Qwen2.from_pretrained(llava_path, dtype, device)
-        tower = SiglipVision.from_pretrained(llava_path, dtype, device)
-        whisper = WhisperEncoder.from_pretrained(whisper_path, dtype, device)
-        qformer_cfg = qformer_cfg or QFormerConfig(encoder_width=whisper.cfg.d_model, llm_dim=llm.cfg.hidden_size)
-        with torch.device("meta"):
-            model = cls(AVConfig(llm.cfg, tower.cfg, whisper.cfg, qformer_cfg))
-        model.llm, model.tower, model.speech_encoder = llm, tower, whisper
-        model.audio = AudioAligner(qformer_cfg).to(device, dtype)
-        hf_names = {"multi_modal_projector.linear_1.": "projector.0.", "multi_modal_projector.linear_2.": "projector.2.",
-                    "image_newline": "image_newline"}
-
-        def rename(k):  # llava-hf names, else the original (released-like) ones
-            old = next((o for o in hf_names if k.startswith(o)), None)
-            return hf_names[old] + k[len(old):] if old else released_to_ours(k)
-        load_into(model, llava_path, rename, dtype, device, only=("projector.", "image_newline"))
-        return model.freeze_encoders()
+        import checkpoint
+        return checkpoint.load_base(cls, llava_path, whisper_path, qformer_cfg, dtype, device)
 
     def freeze_encoders(self):
         for frozen in (self.tower, self.speech_encoder):  # paper 3.2: the encoders never train
@@ -761,59 +445,7 @@ class VideoSALMONN2(nn.Module):
         return self
 
     def save_pretrained(self, path, state=None, max_shard_bytes=None):
-        """config.json and safetensors in the released video-SALMONN 2 layout; state: our {name: tensor}
-        when it is not self.state_dict() (gathered from FSDP shards, say)."""
-        state = self.state_dict() if state is None else state
-        save_safetensors({ours_to_released(k): v for k, v in state.items()}, path, max_shard_bytes)
-        config = {**vars(self.cfg.llm), "model_type": "video_salmonn_2", "mm_vision_tower": "siglip",
-                  "video_salmonn_2": self.cfg.to_dict()}
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-
-
-def save_safetensors(state, path, max_shard_bytes=None):
-    """model.safetensors, or, past max_shard_bytes, model-0000i-of-0000n.safetensors shards and the
-    model.safetensors.index.json that Hugging Face loaders (and checkpoint_keys) read."""
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    shards, size, total = [{}], 0, 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][k], size, total = v.detach().contiguous().cpu(), size + nbytes, total + nbytes
-    if len(shards) == 1:
-        return save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-
-
-# (released key prefix, our prefix), most specific first
-RELEASED_PREFIXES = [("model.vision_tower.vision_tower.vision_model.", "tower."), ("model.mm_projector.", "projector."),
-                     ("model.image_newline", "image_newline"), ("lm_head.", "llm.lm_head."), ("model.", "llm."),
-                     ("speech_encoder.", "speech_encoder."), ("ln_speech.", "audio.ln_speech."),
-                     ("speech_Qformer.", "audio.speech_Qformer."), ("speech_query_tokens", "audio.speech_query_tokens"),
-                     ("speech_llama_proj.", "audio.speech_llama_proj."), ("final_linear.", "audio.final_linear.")]
-
-
-def released_to_ours(key):
-    return next((new + key[len(old):] for old, new in RELEASED_PREFIXES if key.startswith(old)), None)
-
-
-def ours_to_released(key):
-    return next(old + key[len(new):] for old, new in RELEASED_PREFIXES if key.startswith(new))
-
-
-def av_config_from_hf(raw):
-    """Ours carry the full AVConfig; the released checkpoint only its LLM config, the rest are constants."""
-    if "video_salmonn_2" in raw:
-        return AVConfig.from_dict(raw["video_salmonn_2"])
-    llm, whisper = make_config(Qwen2Config, raw), make_config(WhisperConfig, WHISPER_LARGE_V3)
-    vision = make_config(SiglipVisionConfig, SIGLIP_SO400M)
-    vision.keep_layers = vision.num_hidden_layers - 1  # LLaVA-OneVision drops the last layer
-    return AVConfig(llm, vision, whisper, QFormerConfig(encoder_width=whisper.d_model, llm_dim=llm.hidden_size))
+        """config.json and safetensors in the released layout; state: our {name: tensor} when it is not
+        self.state_dict() (gathered from FSDP shards, say)."""
+        import checkpoint
+        checkpoint.save_video_salmonn2(self, path, state, max_shard_bytes)

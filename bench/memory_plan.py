@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
 from config import configure  # noqa: E402
-from model import VideoSALMONN2, av_config_from_hf  # noqa: E402
+from checkpoint import av_config_from_hf  # noqa: E402
+from model import VideoSALMONN2  # noqa: E402
 
 # -----------------------------------------------------------------------------
 world = 8  # GPUs (FSDP2 ranks); the table adds W = 1

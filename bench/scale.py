@@ -27,7 +27,8 @@ import lora  # noqa: E402
 import train_mrdpo  # noqa: E402
 import train_sft  # noqa: E402
 from config import configure  # noqa: E402
-from model import AVConfig, VideoSALMONN2, av_config_from_hf  # noqa: E402
+from checkpoint import av_config_from_hf  # noqa: E402
+from model import AVConfig, VideoSALMONN2  # noqa: E402
 from train_mrdpo import pair_step  # noqa: E402
 from train_sft import PEAK_FLOPS, autocast, step_loss  # noqa: E402
 from gdpo_step import five_pass_loss  # noqa: E402

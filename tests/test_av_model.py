@@ -11,9 +11,11 @@ import torch.nn.functional as F
 import transformers as hf
 from safetensors.torch import load_file, save_file
 
-import model
 from conftest import make_tokenizer
-from model import AVConfig, Qwen2Config, SiglipVisionConfig, VideoSALMONN2, WhisperConfig
+import checkpoint
+from checkpoint import ours_to_released
+from encoders import SiglipVisionConfig, WhisperConfig
+from model import AVConfig, Qwen2Config, VideoSALMONN2
 from qformer import QFormerConfig
 from test_loaders import to_lmms_lab
 from test_media import write_video
@@ -140,12 +142,12 @@ def test_released_checkpoint_layout(tmp_path, monkeypatch):
     still carries post-layernorm and a last layer that LLaVA never runs."""
     cfg = tiny_config(frames_per_segment=1500)
     cfg.vision.num_hidden_layers, cfg.vision.keep_layers = 3, 2
-    monkeypatch.setattr(model, "SIGLIP_SO400M", {k: v for k, v in vars(cfg.vision).items() if k != "keep_layers"})
-    monkeypatch.setattr(model, "WHISPER_LARGE_V3", vars(cfg.whisper))
+    monkeypatch.setattr(checkpoint, "SIGLIP_SO400M", {k: v for k, v in vars(cfg.vision).items() if k != "keep_layers"})
+    monkeypatch.setattr(checkpoint, "WHISPER_LARGE_V3", vars(cfg.whisper))
     cfg.qformer = QFormerConfig(encoder_width=32, llm_dim=64)  # the released Q-Former's sizes
     torch.manual_seed(0)
     src = VideoSALMONN2(cfg).eval()
-    state = {model.ours_to_released(k): v.contiguous() for k, v in src.state_dict().items()}
+    state = {ours_to_released(k): v.contiguous() for k, v in src.state_dict().items()}
     tower = "model.vision_tower.vision_tower.vision_model."
     state[tower + "post_layernorm.weight"] = torch.ones(32)
     state[tower + "encoder.layers.2.mlp.fc1.weight"] = torch.ones(48, 32)
@@ -170,7 +172,7 @@ def test_base_from_llava_onevision_and_whisper(tmp_path, monkeypatch, layout):
         text_config=text, vision_config=vision, image_token_index=5, video_token_index=6)).eval()
     llava.save_pretrained(tmp_path / "llava")
     if layout == "lmms-lab":  # the original files: a flat Qwen2 config, the SigLIP tower named by mm_vision_tower
-        monkeypatch.setattr(model, "SIGLIP_SO400M", {k: v for k, v in vision.items() if k != "model_type"})
+        monkeypatch.setattr(checkpoint, "SIGLIP_SO400M", {k: v for k, v in vision.items() if k != "model_type"})
         save_file(to_lmms_lab(load_file(str(tmp_path / "llava" / "model.safetensors"))), str(tmp_path / "llava" / "model.safetensors"))
         (tmp_path / "llava" / "config.json").write_text(json.dumps(
             {**text, "model_type": "llava", "mm_vision_tower": "google/siglip-so400m-patch14-384"}))

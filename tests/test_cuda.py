@@ -14,7 +14,8 @@ import torch
 import transformers as hf
 
 from data import log_mel_spectrogram
-from model import Qwen2, SiglipVision, WhisperEncoder
+from encoders import SiglipVision, WhisperEncoder
+from model import Qwen2
 from test_qwen2 import TINY, decode_in_pieces, save_hf_qwen2
 from test_siglip import VISION, randomise_biases
 from test_whisper import save_hf_whisper, tone_and_noise

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from test_train import run, world, write_config  # noqa: F401 (world is a fixture)
 
+import checkpoint
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def exported(world, tmp_path_factory):  # noqa: F811
 
 
 def weights(path):
-    files = M.checkpoint_keys(path)
+    files = checkpoint.checkpoint_keys(path)
     return {k: load_file(f)[k] for k, f in files.items()}
 
 

@@ -6,8 +6,9 @@ import torch
 import transformers as hf
 from safetensors.torch import load_file, save_file
 
-import model
-from model import Qwen2, SiglipVision
+import checkpoint
+from encoders import SiglipVision, WhisperEncoder
+from model import Qwen2
 
 TEXT = dict(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6)
@@ -78,7 +79,7 @@ def test_lmms_lab_layout(llava, tmp_path, monkeypatch):
     """The original LLaVA-OneVision files: one flat Qwen2 config with mm_* keys, the tower under
     model.vision_tower.vision_tower.vision_model.*, its last layer dropped; plus video-SALMONN 2's audio keys."""
     ref, path = llava
-    monkeypatch.setattr(model, "SIGLIP_SO400M", {k: v for k, v in VISION.items() if k != "model_type"})
+    monkeypatch.setattr(checkpoint, "SIGLIP_SO400M", {k: v for k, v in VISION.items() if k != "model_type"})
     sd = to_lmms_lab(load_file(str(path / "model.safetensors")))
     sd["speech_Qformer.bert.embeddings.LayerNorm.weight"] = torch.ones(8)  # the released model's audio half
     sd["final_linear.0.weight"] = torch.ones(64, 64)
@@ -128,4 +129,4 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"1 unexpected keys \['layers.0.self_attn.rotary.inv_freq'\]"):
         Qwen2.from_pretrained(write_layout(tmp_path / "extra", extra, config))
     with pytest.raises(ValueError, match="missing keys"):  # a Whisper dir is not a Qwen2 dir
-        model.WhisperEncoder.from_pretrained(tmp_path / "ok")
+        WhisperEncoder.from_pretrained(tmp_path / "ok")

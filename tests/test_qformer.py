@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers as hf
 
-from model import ours_to_released, released_to_ours
+from checkpoint import ours_to_released, released_to_ours
 from qformer import AudioAligner, QFormerConfig, segment_positions
 
 TINY = dict(encoder_width=48, hidden=64, heads=4, intermediate=96, layers=2, window=5, frames_per_segment=50, llm_dim=32)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers as hf
 
-from model import SiglipVision
+from encoders import SiglipVision
 
 VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=56,
               patch_size=14)

@@ -5,7 +5,7 @@ import torch
 import transformers as hf
 
 from data import log_mel_spectrogram
-from model import WhisperEncoder
+from encoders import WhisperEncoder
 
 SR = 16000
 

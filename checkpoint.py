@@ -1,0 +1,286 @@
+"""
+Every checkpoint layout video-SALMONN 2 meets, side by side: the key maps, the config readers and the loaders.
+
+- Hugging Face Qwen2ForCausalLM, and the LLM inside either LLaVA-OneVision layout (lmms-lab original, llava-hf)
+- Whisper (WhisperForConditionalGeneration / WhisperModel: the encoder only)
+- SigLIP (SiglipVisionModel, SiglipModel, either LLaVA-OneVision layout)
+- the released video-SALMONN 2 layout (tsinghua-ee/video-SALMONN-2; ours write it too, with their full config)
+- export: the LLM alone as a Hugging Face Qwen2ForCausalLM
+
+Models are built on the meta device and the safetensors tensors assigned in place, so a 7B model is never
+held twice; a checkpoint that does not fit fails naming the missing and unexpected keys.
+"""
+import json
+import os
+from dataclasses import fields
+
+import torch
+from safetensors import safe_open
+
+from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
+from model import AVConfig, Qwen2, Qwen2Config
+from qformer import AudioAligner, QFormerConfig
+
+# google/siglip-so400m-patch14-384, whose config the original LLaVA-OneVision layout does not carry
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=384, patch_size=14)
+# openai/whisper-large-v3's encoder, whose config the released checkpoint does not carry
+WHISPER_LARGE_V3 = dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                        encoder_ffn_dim=5120, max_source_positions=1500)
+
+# -----------------------------------------------------------------------------
+# the machinery: configs, safetensors files, renaming
+
+
+def read_config(path):
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def make_config(cls, d, **overrides):
+    """A config dataclass from a Hugging Face config dict (unknown keys ignored)."""
+    d = dict(d)
+    if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # transformers >= 5 layout
+        d["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in {**d, **overrides}.items() if k in names})
+
+
+def checkpoint_keys(path):
+    """{tensor name: safetensors file} for model.safetensors or a sharded index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_into(model, path, rename, dtype=None, device="cpu", only=None):
+    """Load every checkpoint tensor whose rename(key) is not None into model (built on meta).
+    rename maps a checkpoint key to a parameter name, or None for tensors deliberately left out;
+    only (a tuple of name prefixes) restricts the load to part of the model."""
+    files = checkpoint_keys(path)
+    wanted = {}
+    for key, file in files.items():
+        name = rename(key)
+        if name is not None and (only is None or name.startswith(only)):
+            wanted.setdefault(file, []).append((key, name))
+    expected = {k for k in model.state_dict() if only is None or k.startswith(only)}
+    got = {name for pairs in wanted.values() for _, name in pairs}
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: cannot load {type(model).__name__}: "
+                         f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
+    state = {}
+    for file, pairs in wanted.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key, name in pairs:
+                t = f.get_tensor(key)
+                state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    model.load_state_dict(state, strict=only is None, assign=True)
+    return model
+
+
+def strip(prefix):
+    return lambda k: k[len(prefix):] if k.startswith(prefix) else None
+
+
+# -----------------------------------------------------------------------------
+# the backbones alone
+
+
+def load_qwen2(cls, path, dtype=None, device="cpu"):
+    cfg = make_config(Qwen2Config, read_config(path).get("text_config", read_config(path)))  # llava-hf nests it
+    with torch.device("meta"):
+        model = cls(cfg)
+    hf = any(k.startswith("language_model.") for k in checkpoint_keys(path))
+    body, head = ("language_model.model.", "language_model.lm_head.") if hf else ("model.", "lm_head.")
+    skip = ("model.vision_tower.", "model.mm_projector.", "model.image_newline")  # the visual half of LLaVA
+
+    def rename(k):
+        if k.startswith(head):  # some exports of a tied model still carry the duplicate head
+            return None if cfg.tie_word_embeddings else "lm_head." + k[len(head):]
+        return None if k.startswith(skip) else strip(body)(k)
+    return load_into(model, path, rename, dtype, device)
+
+
+
+def load_whisper(cls, path, dtype=None, device="cpu"):
+    cfg = make_config(WhisperConfig, read_config(path))
+    with torch.device("meta"):
+        model = cls(cfg)
+    keys = checkpoint_keys(path)
+    prefix = "model.encoder." if any(k.startswith("model.encoder.") for k in keys) else "encoder."
+    return load_into(model, path, strip(prefix), dtype, device)
+
+
+
+# SiglipVisionModel; SiglipVisionModel as transformers 5 saves it
+SIGLIP_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_tower.",
+                   "vision_model.", "")
+
+
+def load_siglip(cls, path, dtype=None, device="cpu", keep_layers=None):
+    raw = read_config(path)
+    if "mm_vision_tower" in raw:  # original LLaVA-OneVision: so400m with its last layer dropped (26 of 27)
+        cfg = make_config(SiglipVisionConfig, SIGLIP_SO400M)
+        keep_layers = keep_layers or cfg.num_hidden_layers - 1
+    elif raw.get("model_type") == "llava_onevision":  # llava-hf keeps the 26 layers it uses
+        cfg = make_config(SiglipVisionConfig, raw["vision_config"])
+    else:  # SiglipVisionModel, or SiglipModel whose vision half is nested
+        cfg = make_config(SiglipVisionConfig, raw.get("vision_config", raw))
+    if keep_layers:
+        cfg.keep_layers = keep_layers
+    with torch.device("meta"):
+        model = cls(cfg)
+    keys = checkpoint_keys(path)
+    prefix = next((p for p in SIGLIP_PREFIXES if p + "embeddings.patch_embedding.weight" in keys), "vision_model.")
+    n_run = cfg.keep_layers or cfg.num_hidden_layers
+    return load_into(model, path, lambda k: tower_key(strip(prefix)(k), n_run), dtype, device)
+
+
+def tower_key(k, n_run):
+    """A SigLIP key (below the vision_model prefix) we load, or None: we return features before
+    post-layernorm, never use the pooling head, and skip the layers past the kept ones."""
+    if k is None or k.startswith(("post_layernorm.", "head.")):
+        return None
+    if k.startswith("encoder.layers.") and int(k.split(".")[2]) >= n_run:
+        return None
+    return k
+
+
+
+
+# -----------------------------------------------------------------------------
+# the released video-SALMONN 2 layout
+
+def save_safetensors(state, path, max_shard_bytes=None):
+    """model.safetensors, or, past max_shard_bytes, model-0000i-of-0000n.safetensors shards and the
+    model.safetensors.index.json that Hugging Face loaders (and checkpoint_keys) read."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    shards, size, total = [{}], 0, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size, total = v.detach().contiguous().cpu(), size + nbytes, total + nbytes
+    if len(shards) == 1:
+        return save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+
+
+# (released key prefix, our prefix), most specific first
+RELEASED_PREFIXES = [("model.vision_tower.vision_tower.vision_model.", "tower."), ("model.mm_projector.", "projector."),
+                     ("model.image_newline", "image_newline"), ("lm_head.", "llm.lm_head."), ("model.", "llm."),
+                     ("speech_encoder.", "speech_encoder."), ("ln_speech.", "audio.ln_speech."),
+                     ("speech_Qformer.", "audio.speech_Qformer."), ("speech_query_tokens", "audio.speech_query_tokens"),
+                     ("speech_llama_proj.", "audio.speech_llama_proj."), ("final_linear.", "audio.final_linear.")]
+
+
+def released_to_ours(key):
+    return next((new + key[len(old):] for old, new in RELEASED_PREFIXES if key.startswith(old)), None)
+
+
+def ours_to_released(key):
+    return next(old + key[len(new):] for old, new in RELEASED_PREFIXES if key.startswith(new))
+
+
+def av_config_from_hf(raw):
+    """Ours carry the full AVConfig; the released checkpoint only its LLM config, the rest are constants."""
+    if "video_salmonn_2" in raw:
+        return AVConfig.from_dict(raw["video_salmonn_2"])
+    llm, whisper = make_config(Qwen2Config, raw), make_config(WhisperConfig, WHISPER_LARGE_V3)
+    vision = make_config(SiglipVisionConfig, SIGLIP_SO400M)
+    vision.keep_layers = vision.num_hidden_layers - 1  # LLaVA-OneVision drops the last layer
+    return AVConfig(llm, vision, whisper, QFormerConfig(encoder_width=whisper.d_model, llm_dim=llm.hidden_size))
+
+
+
+def load_video_salmonn2(cls, path, dtype=None, device="cpu"):
+    """A checkpoint in the released video-SALMONN 2 layout into cls (VideoSALMONN2)."""
+    cfg = av_config_from_hf(read_config(path))
+    with torch.device("meta"):
+        model = cls(cfg)
+    n_run = cfg.vision.keep_layers or cfg.vision.num_hidden_layers
+
+    def rename(k):
+        ours = released_to_ours(k)
+        if ours is not None and ours.startswith("tower."):
+            return "tower." + t if (t := tower_key(ours[len("tower."):], n_run)) else None
+        return ours
+    load_into(model, path, rename, dtype, device)
+    return model.freeze_encoders()
+
+
+def load_base(cls, llava_path, whisper_path, qformer_cfg=None, dtype=None, device="cpu"):
+    """The starting point of audio alignment: LLaVA-OneVision (either layout) and a Whisper checkpoint, with a
+    fresh audio aligner."""
+    llm = load_qwen2(Qwen2, llava_path, dtype, device)
+    tower = load_siglip(SiglipVision, llava_path, dtype, device)
+    whisper = load_whisper(WhisperEncoder, whisper_path, dtype, device)
+    qformer_cfg = qformer_cfg or QFormerConfig(encoder_width=whisper.cfg.d_model, llm_dim=llm.cfg.hidden_size)
+    with torch.device("meta"):
+        model = cls(AVConfig(llm.cfg, tower.cfg, whisper.cfg, qformer_cfg))
+    model.llm, model.tower, model.speech_encoder = llm, tower, whisper
+    model.audio = AudioAligner(qformer_cfg).to(device, dtype)
+    hf_names = {"multi_modal_projector.linear_1.": "projector.0.", "multi_modal_projector.linear_2.": "projector.2.",
+                "image_newline": "image_newline"}
+
+    def rename(k):  # llava-hf names, else the original (released-like) ones
+        old = next((o for o in hf_names if k.startswith(o)), None)
+        return hf_names[old] + k[len(old):] if old else released_to_ours(k)
+    load_into(model, llava_path, rename, dtype, device, only=("projector.", "image_newline"))
+    return model.freeze_encoders()
+
+
+def save_video_salmonn2(model, path, state=None, max_shard_bytes=None):
+    """config.json and safetensors in the released video-SALMONN 2 layout; state: our {name: tensor} when it is
+    not model.state_dict() (gathered from FSDP shards, say)."""
+    state = model.state_dict() if state is None else state
+    save_safetensors({ours_to_released(k): v for k, v in state.items()}, path, max_shard_bytes)
+    config = {**vars(model.cfg.llm), "model_type": "video_salmonn_2", "mm_vision_tower": "siglip",
+              "video_salmonn_2": model.cfg.to_dict()}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+# -----------------------------------------------------------------------------
+# export: the LLM alone as a Hugging Face Qwen2ForCausalLM, for tools that serve Qwen2 (text only)
+
+MAX_POSITIONS = 32768  # Qwen2-7B-Instruct's; RoPE has no learned positions, so for serving this is only advertised
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+                 "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # Qwen2-Instruct's
+
+
+def save_hf_qwen2(state, cfg, tok, path, dtype, max_shard_bytes=None):
+    """Our LLM weights ({"llm.*": tensor}) and tokenizer as a Qwen2ForCausalLM directory: config.json,
+    generation_config.json, safetensors shards, tokenizer.json and tokenizer_config.json with the chat template."""
+    save_safetensors({ours_to_released(k): v for k, v in state.items() if k.startswith("llm.")}, path, max_shard_bytes)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    im_end = tok.token_to_id("<|im_end|>")
+    hf = {**vars(cfg), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+          "max_position_embeddings": MAX_POSITIONS, "attention_dropout": 0.0, "use_sliding_window": False,
+          "bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": im_end, "torch_dtype": str(dtype).split(".")[-1]}
+    files = {"config.json": hf,
+             "generation_config.json": {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]},
+             "tokenizer_config.json": {"tokenizer_class": "Qwen2TokenizerFast", "chat_template": CHAT_TEMPLATE,
+                                       "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+                                       "model_max_length": MAX_POSITIONS}}
+    for name, obj in files.items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f, indent=1)
