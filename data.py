@@ -13,6 +13,7 @@ import av
 import numpy as np
 import torch
 from safetensors import safe_open
+import torch.distributed as dist
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
@@ -217,6 +218,52 @@ def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None
     return vis, aud, media.times, media.duration
 
 
+class Features:
+    """Cached encoder features and token ids of manifest items for a model. Items whose media cannot be read (and, with
+    responses=True, items without a response to train on) are dropped once, up front (every rank agrees), counted and
+    named, so training and evaluation never meet them."""
+
+    def __init__(self, model, tok, items, rank=0, world=1, fps=FPS, max_frames=MAX_FRAMES, cache_dir=None,
+                 use_audio=True, responses=True):
+        cfg = model.cfg
+        self.model, self.cache_dir, self.use_audio = model, cache_dir, use_audio
+        self.prep = dict(fps=fps, max_frames=max_frames, image_size=cfg.vision.image_size,
+                         n_mels=cfg.whisper.num_mel_bins, segment_seconds=cfg.segment_seconds)
+        self.fingerprint = model.encoder_fingerprint()
+        bad = set()
+        for i in range(rank, len(items), world):  # check, and warm the cache: each rank its share
+            problem = "no response to train on" if responses and not isinstance(items[i].get("response"), str) else None
+            if problem is None:
+                try:
+                    self.features(items[i])
+                except MediaError as e:
+                    problem = e
+            if problem:
+                print(f"skipped bad sample ({items[i].get('line', i)}): {problem}", flush=True)
+                bad.add(i)
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, bad)
+            bad = set().union(*gathered)
+        self.skipped = len(bad)
+        self.items = [it for i, it in enumerate(items) if i not in bad]
+        self.ids = [(encode_prompt(tok, it["prompt"]), encode_response(tok, it["response"]) if responses else None)
+                    for it in self.items]
+
+    def features(self, item):
+        if not (item.get("video") or item.get("audio")):
+            return None, None, [], 0.0  # a text-only item
+        vis, aud, times, duration = media_features(item.get("video"), self.model.encode, self.fingerprint,
+                                                   self.cache_dir, item.get("audio"), **self.prep)
+        return vis, aud if self.use_audio else None, times, duration
+
+    def example(self, i, dev):
+        """(features on dev, prompt ids, response ids) of item i: one entry of a VideoSALMONN2 forward batch."""
+        vis, aud, times, duration = self.features(self.items[i])
+        feats = (None if vis is None else vis.to(dev), None if aud is None else aud.to(dev), times, duration)
+        return (feats, *self.ids[i])
+
+
 # -----------------------------------------------------------------------------
 # manifests: JSONL, one item a line, media paths relative to the manifest
 #   {"video": "clips/a.mp4", "prompt": "...", "response": "...", "events": [...], "task": "caption"}
@@ -281,3 +328,21 @@ def encode_prompt(tok, prompt, system=SYSTEM):
 def encode_response(tok, text):
     """The assistant's answer and the <|im_end|> that ends it: the labelled part of a sequence."""
     return tok.encode(text, add_special_tokens=False).ids + [tok.token_to_id("<|im_end|>")]
+
+
+def merge_results(path, metrics, seconds):
+    """Add {stage: metrics} and {stage: seconds} to a results file (written whole, then renamed)."""
+    res = json.load(open(path)) if os.path.exists(path) else {}
+    res.update(metrics)
+    res.setdefault("seconds", {}).update({k: round(v, 1) for k, v in seconds.items()})
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return res
+
+
+def decode_response(tok, ids):
+    """A generated answer's text, and whether it ended with <|im_end|> (rather than at the token limit)."""
+    finished = bool(ids) and ids[-1] == tok.token_to_id("<|im_end|>")
+    return tok.decode(ids, skip_special_tokens=True).strip(), finished

@@ -15,7 +15,6 @@ $ python eval.py --task=elo --matches=prefs.jsonl                     # Elo rati
 $ python eval.py --task=events --manifest=sft.jsonl --events_out=mrdpo_train.jsonl  # atomic events of the captions (3.3.1)
 The LLM judge and the QA LLM are any OpenAI-compatible server: OPENAI_BASE_URL, OPENAI_API_KEY (judge.py).
 """
-import importlib.util
 import json
 import os
 import re
@@ -25,8 +24,8 @@ import time
 import torch
 
 from config import configure
-from data import encode_prompt, load_tokenizer, media_features, read_manifest
-from judge import SEED, JudgeClient, JudgeError, each, median_of_runs, rates, toy_judge
+from data import Features, decode_response, load_tokenizer, merge_results, read_manifest
+from judge import SEED, JudgeError, LLMClient, LLMJudge, ToyJudge, each, median_of_runs, rates
 from model import VideoSALMONN2
 
 # -----------------------------------------------------------------------------
@@ -69,33 +68,16 @@ LETTER = re.compile(r"\b([A-D])\b")  # a standalone option letter: "B", "B.", "(
 ELO_INITIAL, ELO_BASE, ELO_SCALE, ELO_K = 1000, 10, 400, 8  # Table 9
 
 
-def toy_world():
-    """data/toyav/prepare.py as a module (data.py takes the name `data`): the toy caption grammar."""
-    spec = importlib.util.spec_from_file_location("toyav", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toyav", "prepare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @torch.no_grad()
-def generate(model, tok, items, use_audio, c, n=1, finished=False, **sampling):
-    """Greedy (or sampled, with sampling kwargs) answers of the model to the items' prompts; with finished=True each
-    answer is (text, whether it ended with <|im_end|> rather than at the token limit)."""
-    cfg, p = model.cfg, next(model.parameters())
-    prep = dict(fps=c["fps"], max_frames=c["max_frames"], image_size=cfg.vision.image_size,
-                n_mels=cfg.whisper.num_mel_bins, segment_seconds=cfg.segment_seconds)
-    fingerprint, stop = model.encoder_fingerprint(), (tok.token_to_id("<|im_end|>"),)
-    outputs = []
-    for it in items:
-        vis, aud, times, duration = media_features(it.get("video"), model.encode, fingerprint, c["cache_dir"], it.get("audio"), **prep)
-        feats = (None if vis is None else vis.to(p.device, p.dtype), aud.to(p.device, p.dtype) if use_audio else None, times, duration)
-        ids = model.sample(feats, encode_prompt(tok, it["prompt"]), n=n, max_new_tokens=c["max_new_tokens"],
-                           greedy=not sampling, stop_ids=stop, **sampling)
-        texts = [tok.decode(s, skip_special_tokens=True).strip() for s in ids]
-        if finished:
-            texts = [(t, bool(s) and s[-1] in stop) for t, s in zip(texts, ids)]
-        outputs.append(texts if n > 1 else texts[0])
-    return outputs
+def answers(model, tok, items, c, max_new_tokens, use_audio=True):
+    """Greedy answers of the model to the items' prompts: (the items whose media could be read, their (text, whether
+    it ended with <|im_end|> rather than at the token limit)). Unreadable items are named and counted by Features."""
+    dev = next(model.parameters()).device
+    data = Features(model, tok, items, fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"],
+                    use_audio=use_audio, responses=False)
+    ids = model.generate([data.example(i, dev)[:2] for i in range(len(data.items))], max_new_tokens=max_new_tokens,
+                         greedy=True, stop_ids=(tok.token_to_id("<|im_end|>"),))
+    return data.items, [decode_response(tok, x[0]) for x in ids]
 
 
 def wer(ref, hyp):
@@ -109,49 +91,25 @@ def wer(ref, hyp):
     return row[-1], len(r)
 
 
-def caption_scores(world, captions, items):
-    """Miss / Hall / Total with the exact toy judge, and the fraction of ground-truth events of each
-    type (visual, sound, speech) that the caption states exactly."""
-    judgments, found, total = [], {}, {}
-    for caption, it in zip(captions, items):
-        keys = world.parse_caption(caption)
-        judgments.append(toy_judge(keys, [e["key"] for e in it["events"]]))
-        stated = [tuple(k) for k in keys]
-        for e in it["events"]:
-            total[e["type"]] = total.get(e["type"], 0) + 1
-            if tuple(e["key"]) in stated:
-                stated.remove(tuple(e["key"]))
-                found[e["type"]] = found.get(e["type"], 0) + 1
-    return {**rates(judgments), "accuracy": {t: found.get(t, 0) / total[t] for t in sorted(total)}}
-
-
 def toy_metrics(model, tok, c):
-    world, pick = toy_world(), lambda items: items[:c["limit"]] if c["limit"] else items
+    """The toy stage's metrics, by the exact toy judge: ASR word error rate (align); Miss / Hall / Total and the
+    fraction of events of each type stated exactly (base, sft); multiple-choice accuracy (sft)."""
+    judge, pick = ToyJudge(), lambda items: items[:c["limit"]] if c["limit"] else items
     if c["stage"] == "align":
         asr = pick([it for it in read_manifest(os.path.join(c["data_dir"], "align_test.jsonl")) if it["task"] == "asr"])
-        errors = [wer(it["response"], h) for it, h in zip(asr, generate(model, tok, asr, True, c))]
-        return {"asr_wer": sum(e for e, _ in errors) / max(1, sum(n for _, n in errors))}
+        kept, outs = answers(model, tok, asr, c, c["max_new_tokens"])
+        errors = [wer(it["response"], text) for it, (text, _) in zip(kept, outs)]
+        return {"asr_wer": sum(e for e, _ in errors) / sum(n for _, n in errors)}
     base = c["stage"] == "base"
     test = read_manifest(os.path.join(c["data_dir"], "base_test.jsonl" if base else "test.jsonl"))
-    caps = pick([it for it in test if it["task"] == "caption"])
-    out = caption_scores(world, generate(model, tok, caps, not base, c), caps)
+    caps, outs = answers(model, tok, pick([it for it in test if it["task"] == "caption"]), c, c["max_new_tokens"], not base)
+    texts = [text for text, _ in outs]
+    judged, _ = judge.judge_all([{"caption": text, "events": it["events"]} for text, it in zip(texts, caps)])
+    out = {**rates(judged), "accuracy": judge.accuracy(texts, caps)}
     if not base:
-        qa = pick([it for it in test if it["task"] == "qa"])
-        answers = generate(model, tok, qa, True, c)
-        out["qa_acc"] = sum(extract_letter(a) == it["answer"] for a, it in zip(answers, qa)) / max(1, len(qa))
+        qa, outs = answers(model, tok, pick([it for it in test if it["task"] == "qa"]), c, c["max_new_tokens"])
+        out["qa_acc"] = sum(extract_letter(text) == it["answer"] for (text, _), it in zip(outs, qa)) / len(qa)
     return out
-
-
-def merge_results(path, metrics, seconds):
-    """Add {stage: metrics} and {stage: seconds} to the results file (written whole, then renamed)."""
-    res = json.load(open(path)) if os.path.exists(path) else {}
-    res.update(metrics)
-    res.setdefault("seconds", {}).update({k: round(v, 1) for k, v in seconds.items()})
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return res
 
 
 # -----------------------------------------------------------------------------
@@ -178,29 +136,24 @@ def percent_row(name, r):
     return f"{name:<12}{100 * r['miss']:>7.1f}{100 * r['hall']:>7.1f}{100 * r['total']:>8.1f}"
 
 
-def event_texts(item):
-    """A manifest item's atomic events as sentences (a toy manifest's are dicts with the sentence under "text")."""
-    return [e["text"] if isinstance(e, dict) else e for e in item["events"]]
-
-
 def caption_benchmark(model, tok, c):
     """The released caption benchmark: a greedy caption per video, judged JUDGE_RUNS times against the atomic events
     with seeds SEED, SEED + 1, ...; the run with the median Total is reported, its rates over the items it judged."""
     items = [it for it in read_manifest(c["manifest"]) if it.get("events")][:c["limit"] or None]
-    outs = generate(model, tok, items, c["use_audio"], {**c, "max_new_tokens": c["caption_tokens"]}, finished=True)
+    items, outs = answers(model, tok, items, c, c["caption_tokens"], c["use_audio"])
     ids = [str(it.get("id") or video_id(it["video"], c)) for it in items]
-    client = JudgeClient(c["judge_model"] or None, cache_path=c["judge_cache"])
+    judge = LLMJudge(c["judge_model"] or None, cache_path=c["judge_cache"])
     try:
-        run = median_of_runs(client, [{"id": i, "caption": text, "truncated": not ended, "events": event_texts(it)}
-                                      for i, it, (text, ended) in zip(ids, items, outs)], JUDGE_RUNS, workers=c["workers"])
+        run = median_of_runs(judge, [{"id": i, "caption": text, "truncated": not ended, "events": it["events"]}
+                                     for i, it, (text, ended) in zip(ids, items, outs)], JUDGE_RUNS, workers=c["workers"])
     finally:
-        client.close()
+        judge.close()
     judged = {r["id"]: r for r in run["results"]}
     write_json(c, "captions.json", [{"id": i, "video": video_id(it["video"], c), "prompt": it["prompt"], "prediction": text,
                                      "truncated": not ended, **judged.get(i, {"error": run["errors"].get(i)})}
                                     for i, it, (text, ended) in zip(ids, items, outs)])
     write_predictions(c, [it["video"] for it in items], [text for text, _ in outs])
-    print(f"captions: {len(items)} videos, {sum(not e for _, e in outs)} truncated; judge {client.model}, "
+    print(f"captions: {len(items)} videos, {sum(not e for _, e in outs)} truncated; judge {judge.model}, "
           f"{JUDGE_RUNS} runs; rates over the {len(judged)} of {len(items)} items judged in the median run")
     print(f"{'seed':<12}{'Miss%':>7}{'Hall%':>7}{'Total%':>8}")
     for r in run["runs"]:
@@ -251,9 +204,8 @@ def qa_report(c, name, items, answers):
 
 
 def qa_benchmark(model, tok, c):
-    items = read_qa(c["manifest"])[:c["limit"] or None]
-    answers = generate(model, tok, items, c["use_audio"], {**c, "max_new_tokens": c["answer_tokens"]})
-    return qa_report(c, "qa", items, answers)
+    items, outs = answers(model, tok, read_qa(c["manifest"])[:c["limit"] or None], c, c["answer_tokens"], c["use_audio"])
+    return qa_report(c, "qa", items, [text for text, _ in outs])
 
 
 def parse_letter(answer):
@@ -272,11 +224,12 @@ def qa_from_captions(model, tok, c):
             raise SystemExit(f"{c['captions']}: no caption of {len(missing)} videos, e.g. {missing[0]}")
         caps = {v: preds[video_id(v, c)] for v in videos}
     else:
-        texts = generate(model, tok, [{"video": v, "prompt": c["caption_prompt"]} for v in videos], c["use_audio"],
-                         {**c, "max_new_tokens": c["caption_tokens"]})
-        write_predictions(c, videos, texts)
-        caps = dict(zip(videos, texts))
-    client = JudgeClient(c["qa_model"], cache_path=c["judge_cache"])
+        kept, outs = answers(model, tok, [{"video": v, "prompt": c["caption_prompt"]} for v in videos], c,
+                             c["caption_tokens"], c["use_audio"])
+        write_predictions(c, [it["video"] for it in kept], [text for text, _ in outs])
+        caps = {it["video"]: text for it, (text, _) in zip(kept, outs)}
+        items = [it for it in items if it["video"] in caps]
+    client = LLMClient(c["qa_model"], cache_path=c["judge_cache"])
 
     def ask(it):  # the video's own prompt, asked of its description
         question = it["prompt"].replace("based on the video", "based on the description of the video")
@@ -323,7 +276,7 @@ def add_events(c):
     if not c["events_out"]:
         raise SystemExit("--task=events needs --events_out=FILE")
     items = [it for it in read_manifest(c["manifest"]) if it["task"] == "caption" and it.get("response")][:c["limit"] or None]
-    client = JudgeClient(c["events_model"], cache_path=c["judge_cache"])
+    client = LLMClient(c["events_model"], cache_path=c["judge_cache"])
     try:
         events = each(lambda it: client.decompose(it["response"], name=it["line"]), items, c["workers"])
     finally:

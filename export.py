@@ -16,14 +16,13 @@ import shutil
 import sys
 
 import torch
-from safetensors.torch import load_file
 
 import lora
 from checkpoint import save_hf_qwen2
 from config import configure
 from data import load_tokenizer
 from model import VideoSALMONN2
-from train_sft import build_model
+from training import build_model, load_weights
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # out_dir/ckpt of train_sft.py / train_align.py, or a model dir in the released layout
@@ -41,13 +40,8 @@ def load(path):
     with open(meta) as f:
         c = json.load(f)["config"]
     torch.manual_seed(c["seed"])
-    model, tok = build_model({**c, "device": "cpu", "dtype": "float32", "lora_dropout": 0.0}, torch.device("cpu"))
-    trained = load_file(os.path.join(path, "trainable.safetensors"))
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    wrong = set(expected.items()) ^ {(n, tuple(t.shape)) for n, t in trained.items()}
-    if wrong:
-        raise SystemExit(f"{path}: its weights do not match the model its config builds: {sorted(wrong)[:4]}")
-    model.load_state_dict(trained, strict=False)
+    model, tok = build_model(c, torch.device("cpu"), dtype="float32", lora_dropout=0.0)
+    load_weights(model, path)
     return lora.merge_lora(model), tok
 
 

@@ -5,19 +5,22 @@ events (in the caption, absent from the ground truth). Miss = missing / N, Hall 
 hallucinated) / N, Total = Miss + Hall, with N the number of ground-truth atomic events; over a set of
 captions the counts are summed before dividing (corpus level), as the released evaluation does.
 
-Two judges: the exact one of the toy world (toy_judge), and the LLM judge of the paper (JudgeClient), which
-talks to any OpenAI-compatible server: OpenAI itself, or a local vLLM / Ollama serving e.g. Qwen3-4B, which
-the paper found as good a judge for MrDPO training as GPT-3.5 (Appendix B).
+Two judges with one interface, judge(caption, events) -> counts and judge_all(items) -> (results, errors), so
+training and evaluation never ask which one they hold: the exact judge of the toy world (ToyJudge), and the LLM
+judge of the paper (LLMJudge). The LLM judge is an LLMClient: a client of any OpenAI-compatible server (OpenAI
+itself, or a local vLLM / Ollama serving e.g. Qwen3-4B, which the paper found as good a judge for MrDPO training
+as GPT-3.5, Appendix B), which also splits reference captions into atomic events and answers QA from captions.
 $ export OPENAI_API_KEY=sk-...                                            # OpenAI, gpt-3.5-turbo-0125 by default
 $ export OPENAI_BASE_URL=http://127.0.0.1:8000/v1 JUDGE_MODEL=Qwen/Qwen3-4B  # or a local server
->>> client = JudgeClient()
->>> events = client.decompose(reference_caption)          # the GPT-4o role: a reference caption -> atomic events
->>> client.judge(caption, events)                         # the GPT-3.5 role: {"events", "missed", "incorrect", ...}
->>> median_of_runs(client, items)                         # the released benchmark protocol: 7 seeds, median Total
+>>> judge = LLMJudge()
+>>> judge.judge(caption, events)                          # the GPT-3.5 role: {"events", "missed", "incorrect", ...}
+>>> median_of_runs(judge, items)                          # the released benchmark protocol: 7 seeds, median Total
+>>> LLMClient("gpt-4o").decompose(reference_caption)      # the GPT-4o role: a reference caption -> atomic events
 Every answer is kept in an SQLite file (out/judge_cache.sqlite), so no paid request is ever made twice.
 """
 import ast
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -32,15 +35,55 @@ import openai
 
 
 def rates(judgments):
-    """Corpus-level Miss, Hall and Total of a list of judgments (dicts of counts)."""
-    n = max(1, sum(j["events"] for j in judgments))
+    """Corpus-level Miss, Hall and Total of a list of judgments (dicts of counts), and how many were judged.
+    ValueError when there is nothing to divide by: no judged item (or no event) gives no rate, never 0 %."""
+    n = sum(j["events"] for j in judgments)
+    if not n:
+        raise ValueError(f"no rate: {len(judgments)} items judged, {n} ground-truth events")
     miss = sum(j["missed"] for j in judgments) / n
     hall = sum(j["incorrect"] + j["hallucinated"] for j in judgments) / n
-    return {"miss": miss, "hall": hall, "total": miss + hall}
+    return {"miss": miss, "hall": hall, "total": miss + hall, "judged": len(judgments)}
+
+
+def event_texts(events):
+    """Atomic events as sentences (a toy manifest's are dicts with the sentence under "text")."""
+    return [e["text"] if isinstance(e, dict) else e for e in events]
 
 
 # -----------------------------------------------------------------------------
 # the exact judge of the toy world, where every caption sentence maps back to an event key
+
+
+class ToyJudge:
+    """The exact judge of the toy world (data/toyav/prepare.py): the caption is parsed back into event keys and
+    compared with the clip's known keys (toy_judge). Never fails, so judge_all has no errors."""
+
+    def __init__(self):
+        spec = importlib.util.spec_from_file_location("toyav", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                            "data", "toyav", "prepare.py"))
+        self.world = importlib.util.module_from_spec(spec)  # data.py takes the name `data`: loaded from its file
+        spec.loader.exec_module(self.world)
+
+    def judge(self, caption, events, truncated=False, name=None, seed=None):
+        return toy_judge(self.world.parse_caption(caption), [e["key"] for e in events])
+
+    def judge_all(self, items, seed=None, workers=None):
+        return [{"id": it.get("id", i), **self.judge(it["caption"], it["events"])} for i, it in enumerate(items)], {}
+
+    def accuracy(self, captions, items):
+        """The fraction of ground-truth events of each type (visual, sound, speech) that the captions state exactly."""
+        found, total = Counter(), Counter()
+        for caption, it in zip(captions, items):
+            stated = Counter(map(tuple, self.world.parse_caption(caption)))
+            for e in it["events"]:
+                total[e["type"]] += 1
+                if stated[tuple(e["key"])]:
+                    stated[tuple(e["key"])] -= 1
+                    found[e["type"]] += 1
+        return {t: found[t] / total[t] for t in sorted(total)}
+
+    def close(self):
+        pass
 
 
 def toy_judge(caption_keys, event_keys):
@@ -239,11 +282,11 @@ class AnswerCache:
             self.db.close()
 
 
-class JudgeClient:
-    """The LLM judge over an OpenAI-compatible chat API. model, base_url and api_key default to the environment
-    (JUDGE_MODEL, OPENAI_BASE_URL, OPENAI_API_KEY). The openai client's own retries are off: ours retry rate limits,
-    5xx, time-outs and connection errors at the same seed with exponential back-off, and answers that do not parse
-    (or are inconsistent) at once with the next seed, as the released evaluation does."""
+class LLMClient:
+    """An LLM over an OpenAI-compatible chat API, every answer cached. model, base_url and api_key default to the
+    environment (JUDGE_MODEL, OPENAI_BASE_URL, OPENAI_API_KEY). The openai client's own retries are off: ours retry
+    rate limits, 5xx, time-outs and connection errors at the same seed with exponential back-off, and answers that do
+    not parse (or are inconsistent) at once with the next seed, as the released evaluation does."""
 
     def __init__(self, model=None, base_url=None, api_key=None, cache_path=CACHE_PATH, max_attempts=MAX_ATTEMPTS,
                  base_delay=BASE_DELAY, timeout=TIMEOUT, temperature=TEMPERATURE, top_p=TOP_P):
@@ -312,11 +355,15 @@ class JudgeClient:
                     {"role": "user", "content": DECOMPOSE_USER.format(caption=caption)}]
         return self.ask(messages, parse_events, seed, name)
 
-    def judge(self, caption, events, seed=SEED, truncated=False, name="caption"):
-        """Missed, incorrect and hallucinated events of caption against the ground-truth atomic events (the GPT-3.5
-        role, Appendix F), as parse_judgment gives them. truncated=True marks a caption that ran out of tokens (the
-        released eval tells it by a missing <|im_end|>): its loops are collapsed before judging."""
-        events = list(events)
+
+class LLMJudge(LLMClient):
+    """The LLM judge of the paper (the GPT-3.5 role, Appendix F), with the released prompts."""
+
+    def judge(self, caption, events, truncated=False, name="caption", seed=SEED):
+        """Missed, incorrect and hallucinated events of caption against the ground-truth atomic events, as
+        parse_judgment gives them. truncated=True marks a caption that ran out of tokens (the released eval tells it
+        by a missing <|im_end|>): its loops are collapsed before judging."""
+        events = event_texts(events)
         if truncated:
             caption = reduce_repeated_words(caption)
         messages = [{"role": "system", "content": JUDGE_SYSTEM.format(event_num=len(events))},
@@ -330,8 +377,8 @@ class JudgeClient:
         that stops the batch (wrong key or model) loses nothing either, as every answer is already in the cache."""
         def one(i):
             item, ident = items[i], items[i].get("id", i)
-            return {"id": ident, **self.judge(item["caption"], item["events"], seed, item.get("truncated", False),
-                                              f"item {ident}")}
+            return {"id": ident, **self.judge(item["caption"], item["events"], item.get("truncated", False),
+                                              f"item {ident}", seed)}
         outcomes = each(one, range(len(items)), workers)
         results = [o for o in outcomes if isinstance(o, dict)]
         errors = {item.get("id", i): str(o) for i, (item, o) in enumerate(zip(items, outcomes)) if isinstance(o, JudgeError)}
@@ -350,7 +397,7 @@ def each(fn, items, workers=WORKERS):
         return list(pool.map(one, items))
 
 
-def median_of_runs(client, items, runs=RUNS, seed=SEED, workers=WORKERS):
+def median_of_runs(judge, items, runs=RUNS, seed=SEED, workers=WORKERS):
     """The released benchmark protocol: judge the whole set runs times, with seeds seed, seed + 1, ..., and report the
     run whose corpus-level Total is the median (index runs // 2 of the runs sorted by Total). Each run's rates are over
     the items judged in that run, as in the released eval.py (there too a re-ask after a bad answer takes the next
@@ -358,7 +405,7 @@ def median_of_runs(client, items, runs=RUNS, seed=SEED, workers=WORKERS):
     "results", "errors"}, plus "runs": {"seed", "miss", "hall", "total"} of every run in seed order."""
     done = []
     for r in range(runs):
-        results, errors = client.judge_all(items, seed + r, workers)
+        results, errors = judge.judge_all(items, seed + r, workers)
         done.append({"seed": seed + r, **rates(results), "results": results, "errors": errors})
     median = sorted(done, key=lambda run: run["total"])[runs // 2]
     return {**median, "runs": [{k: run[k] for k in ("seed", "miss", "hall", "total")} for run in done]}

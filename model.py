@@ -423,8 +423,19 @@ class VideoSALMONN2(nn.Module):
     def sample(self, feats, prompt_ids, n=1, **generate_kw):
         """n captions of one video from its cached features (vision, audio, frame times, duration) and
         the prompt's (before, after) token ids; generate_kw as Qwen2.generate."""
+        dt = self.llm.embed_tokens.weight.dtype  # cached features may be fp32 where the model runs in bf16
+        vis, aud, times, duration = feats
+        feats = (None if vis is None else vis.to(dt), None if aud is None else aud.to(dt), times, duration)
         embeds = self.prompt_embeds(prompt_ids[0], self.av_tokens(*feats), prompt_ids[1])
         return self.llm.generate(embeds, n=n, **generate_kw)
+
+    @torch.no_grad()
+    def generate(self, examples, n=1, generators=None, **generate_kw):
+        """n samples for each of many videos: examples are (features, prompt ids) as sample takes them; generators
+        one torch.Generator per example (its sampling draws) or None. A list per example as sample returns it."""
+        generators = generators or [None] * len(examples)
+        return [self.sample(feats, prompt_ids, n=n, generator=g, **generate_kw)
+                for (feats, prompt_ids), g in zip(examples, generators)]
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):

@@ -1,7 +1,8 @@
 """
 Audio modality alignment (paper 3.2): a parallel audio branch is added to the visual LLM and only the
 audio aligner (window-level Q-Former, its query, the projections) trains, with cross-entropy on speech
-recognition and audio captioning, so the visual LLM is untouched. The loop is train_sft.py's.
+recognition and audio captioning, so the visual LLM is untouched. The loop and the other settings are in
+training.py, shared with train_sft.py.
 
 $ python train_align.py config/toy_align.py
 $ torchrun --standalone --nproc_per_node=8 train_align.py config/vs2_7b_align.py
@@ -10,7 +11,7 @@ $ python train_align.py config/toy_align.py --resume
 import sys
 
 from config import configure
-from train_sft import *  # noqa: F403  the other constants, and the loop
+from training import *  # noqa: F403  the supervised stages' settings (what follows overrides them) and the loop
 
 # -----------------------------------------------------------------------------
 # what differs from SFT

@@ -29,10 +29,9 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 
 import lora
 from config import configure
-from data import read_manifest
-from eval import caption_scores, event_texts, generate, merge_results, toy_world
-from judge import JudgeClient, JudgeError, rates, repetition_rate, toy_judge
-from train_sft import Features, all_sum, autocast, build_model, full_state, lr_at, setup_distributed, shard
+from data import Features, decode_response, merge_results, read_manifest
+from judge import JudgeError, LLMJudge, ToyJudge, rates, repetition_rate
+from training import Stepper, autocast, barrier, build_model, full_state, lr_at, save_final, setup_distributed, shard
 
 # -----------------------------------------------------------------------------
 init_from = "out/toy/sft/final"  # the AV SFT model (its LoRA merged)
@@ -43,7 +42,7 @@ test_data = "data/toyav/test.jsonl"  # per-round test captions (results.json)
 rounds = 6  # R
 steps_per_round = 1000  # S, as the paper's rounds 1-5
 round_lrs = (2e-5, 2e-5, 1e-5, 2e-6, 2e-6, 2e-6)  # paper 4.2; the last value repeats for later rounds
-THRESHOLDS = ((0.05, 0.01), (0.20, -0.01), (0.23, -0.01), (0.23, -0.01), (0.23, -0.01), (0.23, -0.01))  # Table 6: (delta e, delta r) per round; the last repeats
+thresholds = ((0.05, 0.01), (0.20, -0.01), (0.23, -0.01), (0.23, -0.01), (0.23, -0.01), (0.23, -0.01))  # Table 6: (delta e, delta r) per round; the last repeats
 beta = 0.1  # DPO temperature, as released
 ce_weight = 0.1  # lambda of Eq. 9 (0: plain DPO, the Fig. 3a ablation)
 proxy = True  # merge and re-initialise the LoRA each round (False: keep training one LoRA, Fig. 3b "Direct")
@@ -62,9 +61,10 @@ trainable = ("lora_",)  # only the proxy trains
 batch_size = 1  # pairs per process per step
 warmup_ratio = 0.03
 weight_decay = 0.0
-grad_clip = 1.0
+grad_clip = 1.0  # max global gradient norm (0: off)
+max_bad_steps = 10  # consecutive non-finite losses before the run stops
 activation_checkpointing = False  # recompute each LLM block in backward (the 7B prefix of ~21,000 tokens needs it)
-judge = "toy"  # toy: the exact toy judge; llm: judge.JudgeClient (OPENAI_BASE_URL, OPENAI_API_KEY, JUDGE_MODEL)
+judge = "toy"  # toy: the exact toy judge; llm: judge.LLMJudge (OPENAI_BASE_URL, OPENAI_API_KEY, JUDGE_MODEL)
 fps = 1.0
 max_frames = 110
 cache_dir = "out/toy/cache"
@@ -114,7 +114,7 @@ def select_pair(a, b, t, c):
     """Table 6: the sample with the lower total error is chosen; the pair is kept when it wins by at
     least delta e in total error and delta r in repetition rate (negative: may repeat a little more)."""
     chosen, rejected = (a, b) if a["total"] <= b["total"] else (b, a)
-    de, dr = THRESHOLDS[min(t, len(THRESHOLDS)) - 1]
+    de, dr = c["thresholds"][min(t, len(c["thresholds"])) - 1]
     keep = rejected["total"] - chosen["total"] >= de and rejected["repetition"] - chosen["repetition"] >= dr
     return (chosen, rejected) if keep else None
 # -----------------------------------------------------------------------------
@@ -130,12 +130,9 @@ def append(path, rec):
 
 
 def judge_sample(text, item, judge, finished):
-    """Total error and repetition rate of one sampled caption against the item's atomic events: judge is
-    the toy world (exact) or a judge.JudgeClient; an unfinished caption is de-looped first, as released."""
-    if isinstance(judge, JudgeClient):
-        j = judge.judge(text, event_texts(item), truncated=not finished, name=item.get("id", item["line"]))
-    else:
-        j = toy_judge(judge.parse_caption(text), [e["key"] for e in item["events"]])
+    """Total error and repetition rate of one sampled caption against the item's atomic events (an unfinished
+    caption is de-looped first by the LLM judge, as released)."""
+    j = judge.judge(text, item["events"], truncated=not finished, name=item.get("id", item["line"]))
     n = max(1, j["events"])
     return {"total": (j["missed"] + j["incorrect"] + j["hallucinated"]) / n, "repetition": repetition_rate(text)}
 
@@ -160,7 +157,7 @@ def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge):
             ids = model.sample(feats, prompt_ids, n=c["samples_per_video"], max_new_tokens=c["max_new_tokens"],
                                temperature=c["temperature"], top_p=c["top_p"], stop_ids=stop, generator=g)
             ref, _ = model.continuation_logps(feats, prompt_ids, ids)  # the reference: the round-start model
-        texts = [tok.decode(s, skip_special_tokens=True).strip() for s in ids]
+        texts = [decode_response(tok, s)[0] for s in ids]
         try:
             judged = [judge_sample(x, data.items[i], judge, s[-1] in stop) for x, s in zip(texts, ids)]
         except JudgeError as e:  # not written: a rerun of the round asks again (the judge's cache keeps the rest)
@@ -185,23 +182,22 @@ def round_pairs(rdir, t, c, data):
 
 def train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size):
     """Phase 5: S steps of gDPO on the pairs (QA SFT steps mixed into the last round); resumable."""
-    rc = {**c, "lr": c["round_lrs"][min(t, len(c["round_lrs"])) - 1], "steps": c["steps_per_round"]}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=rc["lr"], weight_decay=c["weight_decay"])
+    peak, steps = c["round_lrs"][min(t, len(c["round_lrs"])) - 1], c["steps_per_round"]
+    stepper = Stepper(model, peak, c["weight_decay"], c["grad_clip"], c["max_bad_steps"], world_size, dev)
     step, ckpt = 0, os.path.join(rdir, f"ckpt_rank{rank}.pt")
-    if os.path.exists(ckpt):  # resume inside the round: the proxy, the optimizer, the step
-        state = torch.load(ckpt, weights_only=False)
+    if os.path.exists(ckpt):  # resume inside the round: the proxy, the optimizer, the step (tensors only: no code)
+        state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["proxy"], strict=False)
-        opt.load_state_dict(state["optimizer"])
+        stepper.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        step = state["step"]
+        step, stepper.bad_in_a_row = state["step"], state.get("bad_in_a_row", 0)
+        if rank == 0:
+            print(f"round {t}: training resumed at step {step} of {steps}", flush=True)
     last = t == c["rounds"] and qa
     log = open(os.path.join(rdir, "log.jsonl"), "a") if rank == 0 else None
     model.eval()  # no dropout anywhere: the policy starts equal to its reference
     model.llm.train(c["activation_checkpointing"])  # checkpointing acts in training mode; the LLM has no dropout of its own
-    while step < rc["steps"]:
-        for gr in opt.param_groups:
-            gr["lr"] = lr_at(step, rc)
+    while step < steps:
         rng = random.Random(c["seed"] * 7919 + t * 1000 + step * world_size + rank)  # the batch is a function of the step
         qa_step = last and random.Random(c["seed"] * 7919 + t * 1000 + step).random() < c["qa_mix"]  # all ranks alike:
         with autocast(dev, c["dtype"]):  # a QA and a gDPO step run different FSDP collectives
@@ -214,18 +210,16 @@ def train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size):
                 rec = {"dpo": round(dpo.item(), 4), "ce": round(ce.item(), 4), "chosen_reward": round(cr.mean().item(), 4),
                        "rejected_reward": round(rr.mean().item(), 4), "reward_acc": (cr > rr).float().mean().item(),
                        "margin": round((cr - rr).mean().item(), 4)}
-        if all_sum(torch.tensor(float(torch.isfinite(loss)), device=dev), world_size).item() == world_size:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, c["grad_clip"])
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        stepper.step(loss, lr_at(step, steps, peak, c["warmup_ratio"]), f"round {t} step {step}")
         step += 1
-        if log and (step % c["log_every"] == 0 or step == rc["steps"]):
-            log.write(json.dumps({"round": t, "step": step, "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"], **rec}) + "\n")
+        if log and (step % c["log_every"] == 0 or step == steps):
+            log.write(json.dumps({"round": t, "step": step, "loss": round(loss.item(), 4),
+                                  "lr": stepper.opt.param_groups[0]["lr"], **rec}) + "\n")
             log.flush()
-        if step % c["ckpt_every"] == 0 and step < rc["steps"]:
+        if step % c["ckpt_every"] == 0 and step < steps:
             proxy_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            torch.save({"proxy": proxy_state, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": step}, ckpt + ".tmp")
+            torch.save({"proxy": proxy_state, "optimizer": stepper.opt.state_dict(), "rng": torch.get_rng_state(),
+                        "step": step, "bad_in_a_row": stepper.bad_in_a_row}, ckpt + ".tmp")
             os.replace(ckpt + ".tmp", ckpt)
 
 
@@ -233,7 +227,7 @@ def round_model(c, dev, t):
     """The model at the end of round t (0: the SFT model), rebuilt from files: the SFT model with the
     proxies of rounds 1..t loaded in turn, each merged (Eq. 8) before the next; "Direct" saves one LoRA."""
     torch.manual_seed(c["seed"])
-    model, tok = build_model({**c, "llava": "", "arch": {}}, dev)
+    model, tok = build_model(c, dev)
     for s in range(1, t + 1):
         if s > 1 and c["proxy"]:
             lora.merge_lora(model)
@@ -243,22 +237,25 @@ def round_model(c, dev, t):
 
 def evaluate_round(model, tok, c, judge, split, rank, world_size):
     """Miss / Hall / Total of greedy captions of a split (val: its first val_items), each rank captioning a share,
-    judged on rank 0 as the samples are: exactly by the toy world, or by the LLM judge (items it fails on are
-    left out, as in eval.py). None on the other ranks."""
+    judged on rank 0 as the samples are (items the judge fails on are named and left out, as in eval.py; rates
+    says over how many it judged). None on the other ranks."""
     items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
     items = items[:c["val_items"]] if split == "val" and c["val_items"] else items
-    with autocast(next(model.parameters()).device, c["dtype"]):
-        outs = generate(model, tok, items[rank::world_size], True, c, finished=True)
+    dev = next(model.parameters()).device
+    data = Features(model, tok, items[rank::world_size], fps=c["fps"], max_frames=c["max_frames"],
+                    cache_dir=c["cache_dir"], responses=False)
+    with autocast(dev, c["dtype"]):
+        ids = model.generate([data.example(i, dev)[:2] for i in range(len(data.items))], max_new_tokens=c["max_new_tokens"],
+                             greedy=True, stop_ids=(tok.token_to_id("<|im_end|>"),))
+    outs = [(it, *decode_response(tok, x[0])) for it, x in zip(data.items, ids)]
     if world_size > 1:
         shares = [None] * world_size
         dist.all_gather_object(shares, outs)
-        outs = [shares[i % world_size][i // world_size] for i in range(len(items))]
+        outs = [o for share in shares for o in share]
     if rank:
         return None
-    if not isinstance(judge, JudgeClient):
-        return caption_scores(judge, [text for text, _ in outs], items)
     judged, errors = judge.judge_all([{"id": it.get("id", it["line"]), "caption": text, "truncated": not ended,
-                                       "events": event_texts(it)} for it, (text, ended) in zip(items, outs)])
+                                       "events": it["events"]} for it, text, ended in outs])
     for e in errors.values():
         print(f"{split}: {e}", flush=True)
     return rates(judged)
@@ -269,7 +266,7 @@ def main(c):
     rank, world_size, dev = setup_distributed(c["device"])
     os.makedirs(c["out_dir"], exist_ok=True)
     # the exact toy judge (the toy world's caption grammar) or the LLM judge, for the samples and each round's rates
-    judge = toy_world() if c["judge"] == "toy" else JudgeClient(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"))
+    judge = ToyJudge() if c["judge"] == "toy" else LLMJudge(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"))
     history = []
     for t in range(1, c["rounds"] + 1):
         rdir = os.path.join(c["out_dir"], f"round{t}")
@@ -282,10 +279,9 @@ def main(c):
             model, tok = round_model(c, dev, t - 1)
             start_round(model, c, t)
             items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
-            data = Features(model, tok, items, {**c, "use_audio": True}, rank, world_size)
+            data = Features(model, tok, items, rank, world_size, c["fps"], c["max_frames"], c["cache_dir"])
             sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge)
-            if world_size > 1:
-                dist.barrier()
+            barrier(world_size)
             pairs = round_pairs(rdir, t, c, data)
             qa = [i for i, it in enumerate(data.items) if it.get("task") == "qa"]
             if rank == 0:
@@ -300,8 +296,7 @@ def main(c):
             if rank == 0:
                 save_file(proxy_state, proxy_path + ".tmp", metadata={"pairs": str(len(pairs))})
                 os.replace(proxy_path + ".tmp", proxy_path)
-            if world_size > 1:
-                dist.barrier()
+            barrier(world_size)
         with safe_open(proxy_path, "pt") as f:
             n_pairs = int(f.metadata()["pairs"])
         model, tok = round_model(c, dev, t)  # unsharded on every rank, for generation
@@ -315,15 +310,10 @@ def main(c):
             os.replace(os.path.join(rdir, "done.json.tmp"), os.path.join(rdir, "done.json"))
             history.append(rec)
             print(f"round {t}: {json.dumps(rec)}", flush=True)
-        if world_size > 1:
-            dist.barrier()
+        barrier(world_size)
     if rank == 0:  # out_dir/final: the last round's model, its LoRA merged, in the released layout
         model, tok = round_model(c, dev, c["rounds"])
-        lora.merge_lora(model)
-        final = os.path.join(c["out_dir"], "final")
-        model.save_pretrained(final, {n: p for n, p in model.state_dict().items() if "lora_" not in n})
-        tok.save(os.path.join(final, "tokenizer.json"))
-        json.dump({**c, "seconds": round(time.time() - t_start, 1)}, open(os.path.join(final, "train_config.json"), "w"), indent=1)
+        save_final(model, tok, os.path.join(c["out_dir"], "final"), c, time.time() - t_start, 0, 1)
         rounds_out = [{"round": h["round"], "miss": h["miss"], "hall": h["hall"], "total": h["total"], "pairs": h["pairs"]} for h in history]
         merge_results(c["results"], {"rounds": rounds_out}, {"mrdpo": time.time() - t_start})
 

@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
 import train_mrdpo  # noqa: E402
-import train_sft  # noqa: E402
+import training  # noqa: E402
 from config import configure  # noqa: E402
 from checkpoint import av_config_from_hf  # noqa: E402
 from model import AVConfig, VideoSALMONN2  # noqa: E402
 from train_mrdpo import pair_step  # noqa: E402
-from train_sft import PEAK_FLOPS, autocast, step_loss  # noqa: E402
+from training import PEAK_FLOPS, autocast, step_loss  # noqa: E402
 from gdpo_step import five_pass_loss  # noqa: E402
 from memory_plan import QWEN2_7B, SFT_TRAINABLE, plan  # noqa: E402
 
@@ -66,12 +66,12 @@ def tiny_config(n_layer):
 
 
 def build(c, dev, frozen):
-    """The model with config/vs2_7b_sft.py's trainable set and train_sft.build_model's dtypes (trainable fp32, frozen
+    """The model with config/vs2_7b_sft.py's trainable set and training.build_model's dtypes (trainable fp32, frozen
     `frozen`), built on the meta device and materialised once on dev, so a 7B model is never held twice, nor in fp32."""
     cfg = tiny_config(c["layers"]) if c["smoke"] else av_config_from_hf(dict(QWEN2_7B, num_hidden_layers=c["layers"]))
     with torch.device("meta"):
         model = VideoSALMONN2(cfg)
-        lora.apply_lora(model.llm, train_sft.lora_targets, c["lora_r"], 2 * c["lora_r"], train_sft.lora_dropout)
+        lora.apply_lora(model.llm, training.lora_targets, c["lora_r"], 2 * c["lora_r"], training.lora_dropout)
         for name, p in model.named_parameters():
             p.requires_grad_(any(t in name for t in SFT_TRAINABLE))
             p.data = p.data.to(torch.float32 if p.requires_grad else frozen)
@@ -170,7 +170,7 @@ def main(argv):
         t, peak, _ = measure(lambda: train_step(lambda: step_loss(model, [(cached, prompt, captions[0])], 1, dev, amp)),
                              oom_ok=not ckpt)
         sft[ckpt] = t, flops / t / peak_flops if peak_flops and t != "OOM" else None  # (seconds, MFU)
-        planned = plan(cfg, 1, seq_len, c["lora_r"], train_sft.lora_targets, ckpt, 1, SFT_TRAINABLE, train_sft.lora_dropout,
+        planned = plan(cfg, 1, seq_len, c["lora_r"], training.lora_targets, ckpt, 1, SFT_TRAINABLE, training.lora_dropout,
                        c["frames"], S, c["caption_tokens"])["total"] / 1e9  # bytes the plan expects at this step's peak
         rows.append((f"SFT ckpt {'on' if ckpt else 'off'}", t, None if t == "OOM" else seq_len / t, "tok/s", sft[ckpt][1], peak, planned,
                      f"MFU of {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else "MFU: no peak FLOP/s for this device"))

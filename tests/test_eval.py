@@ -102,7 +102,8 @@ def test_read_qa_builds_the_videomme_prompt(tmp_path):
 
 
 def test_qa_accuracy_counts_letters(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "generate", lambda model, tok, items, use_audio, c: ["The answer is B.", "(C) blue", "no idea"])
+    texts = ["The answer is B.", "(C) blue", "no idea"]
+    monkeypatch.setattr(ev, "answers", lambda model, tok, items, c, n, use_audio: (items, [(t, True) for t in texts]))
     c = {"manifest": str(write_manifest(tmp_path / "qa.jsonl", qa_items())), "limit": 0, "use_audio": True,
          "answer_tokens": 8, "out_dir": str(tmp_path / "out")}
     out = ev.qa_benchmark(None, None, c)

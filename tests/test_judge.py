@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai
 import pytest
 
-from judge import (JUDGE_MODEL, SEED, JudgeClient, JudgeError, median_of_runs, parse_events, parse_judgment, rates,
+from judge import (JUDGE_MODEL, SEED, JudgeError, LLMJudge, ToyJudge, median_of_runs, parse_events, parse_judgment, rates,
                    reduce_repeated_words, repetition_rate, toy_judge)
 
 EVENTS = ["A red circle appears.", "A tone plays.", "A man says hello."]
@@ -92,7 +92,7 @@ def make_client(server, tmp_path):
     clients = []
 
     def make(**kw):
-        client = JudgeClient(model=kw.pop("model", "test-judge"), base_url=f"http://127.0.0.1:{server.server_port}/v1",
+        client = LLMJudge(model=kw.pop("model", "test-judge"), base_url=f"http://127.0.0.1:{server.server_port}/v1",
                              api_key="test", cache_path=str(tmp_path / "judge_cache.sqlite"), base_delay=0.01,
                              timeout=kw.pop("timeout", TIMEOUT), **kw)
         clients.append(client)
@@ -277,4 +277,24 @@ def test_reduce_repeated_words():
 def test_rates_and_toy_judge_unchanged():
     j = toy_judge([["circle", "red"], ["unknown", "x"]], [["circle", "blue"], ["tone", "440"]])
     assert (j["missed"], j["incorrect"], j["hallucinated"]) == (1, 1, 1)
-    assert rates([j]) == {"miss": 0.5, "hall": 1.0, "total": 1.5}
+    assert rates([j]) == {"miss": 0.5, "hall": 1.0, "total": 1.5, "judged": 1}
+
+
+def test_no_judged_item_gives_no_rate():
+    """A judge that failed on every item must not look like a perfect model (Total 0 %)."""
+    with pytest.raises(ValueError, match="no rate"):
+        rates([])
+
+
+def test_the_toy_judge_and_the_llm_judge_share_one_interface():
+    """judge(caption, events) -> counts and judge_all(items) -> (results, errors) on either judge, with the manifest's
+    events as they are (the toy's are dicts with a key and a sentence)."""
+    toy = ToyJudge()
+    events = [{"text": "A red circle appears.", "key": ["appear", "red", "circle"], "type": "visual"},
+              {"text": "A low tone plays.", "key": ["tone", "low"], "type": "sound"}]
+    caption = "A red circle appears. A high tone plays. The digit 7 appears on screen."
+    assert toy.judge(caption, events) == {"events": 2, "matched": 1, "missed": 0, "incorrect": 1, "hallucinated": 1}
+    results, errors = toy.judge_all([{"id": "a", "caption": caption, "events": events}])
+    assert errors == {} and results == [{"id": "a", "events": 2, "matched": 1, "missed": 0, "incorrect": 1, "hallucinated": 1}]
+    assert toy.accuracy([caption], [{"events": events}]) == {"sound": 0.0, "visual": 1.0}
+    assert set(dir(LLMJudge)) >= {"judge", "judge_all", "close"} and set(dir(ToyJudge)) >= {"judge", "judge_all", "close"}

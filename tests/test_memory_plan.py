@@ -1,5 +1,5 @@
 """bench/memory_plan.py against reality: its parameter, gradient and optimizer bytes equal those of a tiny model
-set up by train_sft.build_model after a real AdamW step, sharding halves what FSDP2 shards and not the
+set up by training.build_model after a real AdamW step, sharding halves what FSDP2 shards and not the
 encoders, its activation formula equals the tensors autograd really saves, and the 7B table prints."""
 import importlib.util
 import math
@@ -15,7 +15,7 @@ import torch
 import lora
 from conftest import make_tokenizer
 from model import AVConfig, VideoSALMONN2
-import train_sft
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("memory_plan", os.path.join(ROOT, "bench", "memory_plan.py"))
@@ -44,15 +44,15 @@ def sample(cfg, frames=3, segments=1, response=12):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """The tiny model as train_sft.build_model sets it up (trainable fp32, frozen bf16), after one real
-    backward (CPU autocast, as train_sft uses on GPU) and one AdamW step."""
+    """The tiny model as training.build_model sets it up (trainable fp32, frozen bf16), after one real
+    backward (CPU autocast, as training uses on GPU) and one AdamW step."""
     tok = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     make_tokenizer(tok)
     c = dict(dtype="bfloat16", tokenizer=str(tok), init_from="scratch", llava="", arch=ARCH, lora_r=R,
              lora_targets=mp.lora_targets, lora_alpha=2 * R, lora_dropout=0.05, trainable=mp.trainable,
              activation_checkpointing=False)
     torch.manual_seed(0)
-    model, _ = train_sft.build_model(c, torch.device("cpu"))
+    model, _ = training.build_model(c, torch.device("cpu"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -68,7 +68,7 @@ def nbytes(t):
 
 
 def test_constants_are_those_of_the_7b_sft_config():
-    cfg = {**vars(train_sft), **runpy.run_path(os.path.join(ROOT, "config", "vs2_7b_sft.py"))}  # its defaults, overridden
+    cfg = {**vars(training), **runpy.run_path(os.path.join(ROOT, "config", "vs2_7b_sft.py"))}  # its defaults, overridden
     assert (mp.lora_r, mp.lora_targets, mp.lora_dropout, mp.trainable) == (cfg["lora_r"], cfg["lora_targets"], cfg["lora_dropout"], cfg["trainable"])
     assert (mp.frames, mp.batch_size, mp.activation_checkpointing) == (cfg["max_frames"], cfg["batch_size"], cfg["activation_checkpointing"])
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import lora
 import train_mrdpo
+from judge import ToyJudge
 from model import VideoSALMONN2
 from test_av_model import tiny_model
 from test_judge import server  # noqa: F401  the fake OpenAI-compatible server fixture
@@ -49,7 +50,7 @@ def test_gdpo_loss_closed_form_and_plain_dpo():
     (9, (0.60, 0.0), (0.36, 0.0), True)])
 def test_pair_selection_follows_table_6(t, a, b, kept):
     sa, sb = {"total": a[0], "repetition": a[1]}, {"total": b[0], "repetition": b[1]}
-    pair = select_pair(sa, sb, t, {})
+    pair = select_pair(sa, sb, t, {"thresholds": train_mrdpo.thresholds})
     assert (pair is not None) == kept
     if pair:
         assert pair[0]["total"] == min(a[0], b[0])
@@ -149,13 +150,12 @@ def mrdpo_config(toy, out, **kw):
              lora_targets=("q_proj", "k_proj", "v_proj"), trainable=("lora_",), batch_size=2, warmup_ratio=0.0,
              weight_decay=0.0, grad_clip=1.0, activation_checkpointing=False, judge="toy", fps=1.0, max_frames=110, cache_dir=str(toy / "cache"),
              out_dir=str(out), results=str(out / "results.json"), log_every=1, ckpt_every=2,
-             seed=5, device="cpu", dtype="float32")
+             seed=5, device="cpu", dtype="float32", thresholds=((-1.0, -1.0),), max_bad_steps=10)
     c.update(kw)
     return c
 
 
 def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mrdpo, "THRESHOLDS", ((-1.0, -1.0),))  # keep every pair: the toy model is barely trained
     out = tmp_path / "run"
     c = mrdpo_config(toy, out)
     train_mrdpo.main(c)
@@ -183,7 +183,7 @@ def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch):
     # a crash while training round 2, after its step-2 checkpoint
     for f in ("done.json", "proxy.safetensors"):
         os.remove(out / "round2" / f)
-    assert torch.load(out / "round2" / "ckpt_rank0.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "round2" / "ckpt_rank0.pt", weights_only=True)["step"] == 2
     train_mrdpo.main(c)
     for k, v in load_file(str(out / "round2" / "proxy.safetensors")).items():
         assert torch.allclose(v, proxy2[k], atol=1e-6), k
@@ -203,16 +203,15 @@ def test_a_round_judged_by_the_llm_judge(toy, tmp_path, monkeypatch, server):
     server.answer = lambda body: answer_text(hallucinated=caption_of(body).count("."))
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "test")
-    monkeypatch.setattr(train_mrdpo, "THRESHOLDS", ((0.0, -1.0),))
     server.faults = [("status", 400, {})]  # the first caption's request is rejected for good ("too long")
     out = tmp_path / "llm"
-    train_mrdpo.main(mrdpo_config(toy, out, rounds=1, steps_per_round=1, judge="llm"))
+    train_mrdpo.main(mrdpo_config(toy, out, rounds=1, steps_per_round=1, judge="llm", thresholds=((0.0, -1.0),)))
     records = [json.loads(x) for x in (out / "round1" / "samples_rank0.jsonl").read_text().splitlines()]
     tests = [x for x in (toy / "data" / "test.jsonl").read_text().splitlines() if '"caption"' in x]
     assert len(records) == 7  # that video is left out of the round's pairs, the other seven go on
     assert len(server.requests) == 1 + 2 * len(records) + 1 + len(tests) == 1 + 14 + 1 + len(tests)  # samples, val, test
     done = json.loads((out / "round1" / "done.json").read_text())
-    assert set(done["val"]) == {"miss", "hall", "total"}  # rated by the LLM judge, not by the toy's exact judge
+    assert set(done["val"]) == {"miss", "hall", "total", "judged"}  # rated by the LLM judge, not by the toy's exact judge
     items = [json.loads(x) for x in (toy / "data" / "train.jsonl").read_text().splitlines()]  # as data.items
     for r in records:
         for s in r["samples"]:
@@ -221,7 +220,6 @@ def test_a_round_judged_by_the_llm_judge(toy, tmp_path, monkeypatch, server):
 
 def test_activation_checkpointing_trains_the_same_proxy(toy, tmp_path, monkeypatch):
     """activation_checkpointing (needed by the 7B prefix) recomputes the blocks in backward and changes nothing else."""
-    monkeypatch.setattr(train_mrdpo, "THRESHOLDS", ((-1.0, -1.0),))
     calls, checkpoint = [], torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     proxies = []
@@ -237,7 +235,6 @@ def test_activation_checkpointing_trains_the_same_proxy(toy, tmp_path, monkeypat
 def test_a_round_with_bf16_frozen_weights(toy, tmp_path, monkeypatch):
     """dtype bfloat16 (the GPU default) on the CPU: the frozen weights in bf16 meet the fp32 proxy in sampling,
     reference log-probs, training and evaluation, which all run under autocast as on a GPU."""
-    monkeypatch.setattr(train_mrdpo, "THRESHOLDS", ((-1.0, -1.0),))
     out = tmp_path / "bf16"
     train_mrdpo.main(mrdpo_config(toy, out, rounds=1, steps_per_round=2, dtype="bfloat16"))
     proxy = load_file(str(out / "round1" / "proxy.safetensors"))
@@ -254,7 +251,7 @@ def test_two_processes_run_every_phase_and_evaluate_as_one(toy, tmp_path):
     c = mrdpo_config(toy, out, batch_size=1)
     script = tmp_path / "run.py"
     script.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\nimport train_mrdpo\n"
-                      f"train_mrdpo.THRESHOLDS = ((-1.0, -1.0),)\ntrain_mrdpo.main({c!r})\n")
+                      f"train_mrdpo.main({c!r})\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={29500 + os.getpid() % 1000}", str(script)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -265,5 +262,5 @@ def test_two_processes_run_every_phase_and_evaluate_as_one(toy, tmp_path):
     for t in (1, 2):
         done = json.loads((out / f"round{t}" / "done.json").read_text())
         model, tok = train_mrdpo.round_model(c, torch.device("cpu"), t)
-        one = train_mrdpo.evaluate_round(model, tok, c, train_mrdpo.toy_world(), "test", 0, 1)
+        one = train_mrdpo.evaluate_round(model, tok, c, ToyJudge(), "test", 0, 1)
         assert {k: done[k] for k in one} == one

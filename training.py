@@ -1,0 +1,378 @@
+"""
+What the training stages share: train_align.py and train_sft.py run `train` (the supervised loop) with the
+settings below, which they override; train_mrdpo.py uses the pieces.
+
+- the model builder: a checkpoint, LLaVA-OneVision + Whisper, or a scratch architecture; LoRA; what trains
+- distributed setup (torchrun), FSDP2 wrapping, autocast
+- the optimizer step: gradient clipping and the non-finite guard (every rank skips together)
+- the LR schedule: linear warmup, then cosine to zero
+- checkpoints written whole then renamed, and exact resume; the final model in the released layout
+"""
+import datetime
+import json
+import math
+import os
+import shutil
+import time
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+import lora
+from data import Features, load_tokenizer, read_manifest
+from model import AVConfig, VideoSALMONN2
+
+# -----------------------------------------------------------------------------
+# settings of the supervised stages (train_sft.py's defaults; train_align.py and config files override them)
+# model
+init_from = ""  # a checkpoint dir (released layout, with tokenizer.json), or "scratch" to build `arch`
+llava = ""  # with `whisper` instead of init_from: LLaVA-OneVision + Whisper with a fresh audio aligner
+whisper = ""  # Whisper checkpoint dir, with `llava`
+arch = {}  # AVConfig as a dict, for init_from="scratch"
+tokenizer = ""  # tokenizer.json; default: the one in init_from or llava
+lora_r = 128  # LoRA rank (0: no LoRA); released: 128
+lora_alpha = 256  # LoRA alpha: scale alpha / r = 2.0 as released
+lora_dropout = 0.05  # dropout on the LoRA input
+lora_targets = ("q_proj", "k_proj", "v_proj")  # LLM linears that get LoRA, as released
+trainable = ("lora_", "audio.")  # substrings of the parameter names that train; all else is frozen
+time_aligned = None  # True: each frame gets only its own seconds' audio tokens; False: Eq. 4-6; None: as the checkpoint
+# data
+train_data = "data/toyav/train.jsonl"  # manifest, or several joined by commas
+val_data = "data/toyav/val.jsonl"  # manifest for the validation loss ("" for none)
+tasks = ("caption", "qa")  # manifest tasks to train on
+use_audio = True  # False: the model sees frames only (the visual base)
+fps = 1.0  # frames per second sampled
+max_frames = 110  # frames at most; a longer video is sampled uniformly
+cache_dir = "out/cache"  # frozen-encoder features, shared by every stage and round
+# optimisation
+batch_size = 1  # sequences per process per step (global batch = batch_size * world size)
+steps = 1000  # optimizer steps
+stop_at = 0  # end this run after this step (the schedule stays that of `steps`; continue with --resume)
+lr = 2e-5  # peak learning rate
+warmup_ratio = 0.03  # linear warmup over this fraction of the steps, then cosine to zero
+weight_decay = 0.0  # AdamW weight decay
+grad_clip = 1.0  # max global gradient norm (0: off)
+max_bad_steps = 10  # consecutive non-finite losses before the run stops
+activation_checkpointing = False  # recompute each LLM block in backward to save memory
+# system
+out_dir = "out/sft"  # checkpoints (ckpt/), the final model (final/), log.jsonl
+log_every = 10  # steps between log lines
+eval_every = 200  # steps between validation losses (0: only at the end)
+eval_items = 50  # validation items per evaluation
+ckpt_every = 200  # steps between checkpoints (0: only at the end)
+resume = False  # continue from out_dir/ckpt
+seed = 2024  # data order, LoRA init, dropout
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # parameter dtype of the frozen backbone
+# -----------------------------------------------------------------------------
+# dense bf16 FLOP/s by device name, the first key found in torch.cuda.get_device_name() wins (so PCIe before SXM)
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+              "A100": 312e12, "A800": 312e12}
+
+
+def setup_distributed(device):
+    """(rank, world, device) under torchrun, (0, 1, device) as one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    # the other ranks wait at a barrier while rank 0 exports, or judges a round's captions: longer than the default 10 min
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return rank, world, torch.device("cpu")
+
+
+def build_model(c, dev, dtype=None, lora_dropout=None):
+    """The model of settings c (init_from, llava + whisper, or arch) with LoRA applied and only the `trainable`
+    parameters requiring grad (in fp32, AdamW's), the rest in `dtype` (default c's), and its tokenizer."""
+    dt = getattr(torch, dtype or c["dtype"])
+    tok = load_tokenizer(c["tokenizer"] or c["init_from"] or c.get("llava"))
+    if c["init_from"] == "scratch":
+        cfg = AVConfig.from_dict(c["arch"])
+        cfg.llm.vocab_size = tok.get_vocab_size()
+        model = VideoSALMONN2(cfg)
+    elif c.get("llava"):
+        model = VideoSALMONN2.from_base(c["llava"], c["whisper"])
+    else:
+        model = VideoSALMONN2.from_pretrained(c["init_from"])
+    if c.get("time_aligned") is not None:  # an interleaving switch, no weights: saved with the model's config
+        model.cfg.time_aligned = c["time_aligned"]
+    if c["lora_r"]:
+        dropout = c["lora_dropout"] if lora_dropout is None else lora_dropout
+        lora.apply_lora(model.llm, c["lora_targets"], c["lora_r"], c["lora_alpha"], dropout)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(t in name for t in c["trainable"]))
+        p.data = p.data.to(torch.float32 if p.requires_grad else dt)  # AdamW wants fp32 weights to update
+    model.llm.activation_checkpointing = c["activation_checkpointing"]
+    return model.to(dev), tok
+
+
+def shard(model, world, dev):
+    """FSDP2: each LLM block a unit, then the root. The frozen encoders stay whole on every rank: each
+    rank encodes its own cache misses, which sharded encoders would turn into mismatched collectives."""
+    if world == 1:
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.llm.layers:
+        fully_shard(block, mp_policy=mp)
+    frozen = set(model.tower.parameters()) | set(model.speech_encoder.parameters())
+    fully_shard(model, mp_policy=mp, ignored_params=frozen)
+    return model
+
+
+def autocast(dev, dtype):
+    """Autocast to the frozen weights' dtype (the config's `dtype`: bf16 on GPU), where the trained fp32 weights
+    meet them; off when everything is fp32 (the CPU default)."""
+    return torch.autocast(dev.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def lr_at(step, steps, peak, warmup_ratio):
+    """Linear warmup, then cosine decay to zero."""
+    warm = max(1, round(warmup_ratio * steps))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def all_sum(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+class Stepper:
+    """AdamW over the trainable parameters, a step at a time: backward, clip the global gradient norm (grad_clip 0:
+    off), update. A loss that is not finite on some rank skips the step on every rank, so the shards stay in step;
+    max_bad_steps skipped in a row stop the run."""
+
+    def __init__(self, model, lr, weight_decay, grad_clip, max_bad_steps, world, dev):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+        self.grad_clip, self.max_bad_steps, self.world, self.dev = grad_clip, max_bad_steps, world, dev
+        self.bad_in_a_row = 0
+
+    def step(self, loss, lr, where):
+        """One update at learning rate lr; where names the step in messages. Returns whether it stepped."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        finite = all_sum(torch.tensor(float(torch.isfinite(loss)), device=self.dev), self.world).item() == self.world
+        if finite:
+            loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.opt.step()
+            self.bad_in_a_row = 0
+        else:
+            self.bad_in_a_row += 1
+            print(f"{where}: non-finite loss, step skipped", flush=True)
+            if self.bad_in_a_row >= self.max_bad_steps:
+                raise SystemExit(f"{self.bad_in_a_row} non-finite losses in a row at {where}: stopping (lower lr?)")
+        self.opt.zero_grad(set_to_none=True)
+        return finite
+
+
+def full_state(model, keep):
+    """{name: full tensor} of the parameters selected by keep(name), gathered from FSDP shards (a collective)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if keep(name):
+            out[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().contiguous()
+    return out
+
+
+def trainable_state(model):
+    """The trained parameters, gathered (a collective)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return full_state(model, lambda n: n in names)
+
+
+def save_checkpoint(path, model, stepper, meta, rank, world):
+    """path/: the trainable weights (safetensors), meta (JSON) and each rank's optimizer state and RNG; written to
+    path.tmp, the previous one moved to path.old, then renamed: at every instant one of them is whole."""
+    tmp = path + ".tmp"
+    weights = trainable_state(model)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**meta, "world": world}, f, indent=1)
+    barrier(world)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save({"optimizer": stepper.opt.state_dict(), "rng": rng, "bad_in_a_row": stepper.bad_in_a_row},
+               os.path.join(tmp, f"rank{rank}.pt"))
+    barrier(world)
+    if rank == 0:
+        if os.path.exists(path):
+            shutil.rmtree(path + ".old", ignore_errors=True)
+            os.replace(path, path + ".old")
+        os.replace(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
+    barrier(world)
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def checkpoint_meta(path):
+    """The meta of the checkpoint at path (or at path.old, after a crash between save_checkpoint's two renames),
+    and where it is; (None, None) if there is none."""
+    for p in (path, path + ".old"):
+        if os.path.exists(os.path.join(p, "meta.json")):
+            with open(os.path.join(p, "meta.json")) as f:
+                return json.load(f), p
+    return None, None
+
+
+def load_weights(model, path):
+    """The trainable weights of a checkpoint into the unsharded model; they must be exactly its trainable set."""
+    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: tuple(t.shape) for n, t in weights.items()}
+    if got != expected:
+        wrong = sorted(set(got.items()) ^ set(expected.items()))
+        raise SystemExit(f"{path}: the checkpoint's weights do not match the model's trainable parameters "
+                         f"(another LoRA rank or trainable set?): {wrong[:3]}")
+    model.load_state_dict(weights, strict=False)
+
+
+def load_optimizer(path, stepper, rank):
+    """The optimizer state and RNG a rank saved (tensors only: nothing in a checkpoint runs as code)."""
+    state = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+    stepper.opt.load_state_dict(state["optimizer"])
+    stepper.bad_in_a_row = state.get("bad_in_a_row", 0)
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+def save_final(model, tok, path, c, seconds, rank, world):
+    """path/: the whole model with the LoRA merged into the backbone (paper Eq. 8), in the released layout, with its
+    tokenizer and the run's settings."""
+    if c["lora_r"]:
+        lora.merge_lora(model)
+    state = full_state(model, lambda n: "lora_" not in n)
+    if rank == 0:
+        model.save_pretrained(path, state)
+        tok.save(os.path.join(path, "tokenizer.json"))
+        with open(os.path.join(path, "train_config.json"), "w") as f:
+            json.dump({**c, "seconds": round(seconds, 1)}, f, indent=1)
+    barrier(world)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the supervised loop (alignment and SFT)
+
+
+@lru_cache(maxsize=4)
+def order(n, epoch, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def batch_indices(cursor, n, batch_size, seed, rank):
+    """This rank's items for the step that starts at position `cursor` of a stream of per-epoch shuffles."""
+    return [order(n, k // n, seed)[k % n] for k in range(cursor + rank * batch_size, cursor + (rank + 1) * batch_size)]
+
+
+def step_loss(model, batch, world, dev, dtype):
+    """Mean token NLL over the global batch: each rank's sum over the global count, times the world size,
+    since FSDP averages the gradients over ranks."""
+    with autocast(dev, dtype):
+        nll, n = model(batch)
+    count = all_sum(torch.tensor(float(n), device=nll.device), world)
+    return nll * world / count
+
+
+def train(c, stage):
+    """The whole run of a supervised stage, configured by the resolved settings c; returns the final model dir."""
+    t_start = time.time()
+    rank, world, dev = setup_distributed(c["device"])
+    master = rank == 0
+    os.makedirs(c["out_dir"], exist_ok=True)
+    torch.manual_seed(c["seed"])  # the same initial weights on every rank
+    model, tok = build_model(c, dev)
+    torch.manual_seed(c["seed"] + 1 + rank)  # then each rank its own dropout
+    ckpt = os.path.join(c["out_dir"], "ckpt")
+    meta, found = checkpoint_meta(ckpt) if c["resume"] else (None, None)
+    if c["resume"]:
+        if meta is None:
+            raise SystemExit(f"--resume: no checkpoint in {ckpt}")
+        if meta["world"] != world:
+            raise SystemExit(f"{found} was written by {meta['world']} processes, this run has {world}")
+        load_weights(model, found)
+    prep = dict(fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"], use_audio=c["use_audio"])
+    items = [it for m in c["train_data"].split(",") for it in read_manifest(m) if it.get("task", "caption") in c["tasks"]]
+    data = Features(model, tok, items, rank, world, **prep)
+    val_items = [it for it in read_manifest(c["val_data"]) if it.get("task", "caption") in c["tasks"]] if c["val_data"] else []
+    val = Features(model, tok, val_items[:c["eval_items"]], rank, world, **prep) if val_items else None
+    if master:
+        print(f"{stage}: {len(data.items)} items ({data.skipped} skipped), {world} processes, "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
+    if not data.items:
+        raise SystemExit(f"{c['train_data']}: no item to train on ({data.skipped} skipped)")
+    model = shard(model, world, dev)
+    stepper = Stepper(model, c["lr"], c["weight_decay"], c["grad_clip"], c["max_bad_steps"], world, dev)
+    step, cursor = 0, 0
+    if meta:
+        load_optimizer(found, stepper, rank)
+        step, cursor = meta["step"], meta["cursor"]
+        if master:
+            print(f"{stage}: resumed from {found} at step {step} of {c['steps']}", flush=True)
+    peak = next((v for k, v in PEAK_FLOPS.items() if dev.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    log = open(os.path.join(c["out_dir"], "log.jsonl"), "a") if master else None
+    t0, tokens, flops = time.time(), 0, 0.0
+    bar = tqdm(total=c["steps"], initial=step, disable=not master, desc=stage)
+    model.train()
+    while step < c["steps"]:
+        batch = [data.example(i, dev) for i in batch_indices(cursor, len(data.items), c["batch_size"], c["seed"], rank)]
+        cursor += c["batch_size"] * world
+        loss = step_loss(model, batch, world, dev, c["dtype"])
+        finite = stepper.step(loss, lr_at(step, c["steps"], c["lr"], c["warmup_ratio"]), f"step {step}")
+        step += 1
+        bar.update()
+        lengths = [model.sequence_length(ex) for ex in batch]
+        tokens, flops = tokens + sum(L for L, _ in lengths) * world, flops + model.estimate_flops(lengths) * world
+        if master and (step % c["log_every"] == 0 or step == c["steps"]):
+            dt = time.time() - t0
+            rec = {"step": step, "loss": round(loss.item(), 4), "lr": stepper.opt.param_groups[0]["lr"],
+                   "tok/s": round(tokens / dt), "skipped": data.skipped, "finite": finite}
+            if peak:
+                rec["mfu"] = round(flops / dt / (peak * world), 4)
+            bar.set_postfix(loss=rec["loss"])
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            t0, tokens, flops = time.time(), 0, 0.0
+        if val and (step == c["steps"] or (c["eval_every"] and step % c["eval_every"] == 0)):
+            val_loss = evaluate(model, val, dev, rank, world, c["dtype"])
+            if master:
+                log.write(json.dumps({"step": step, "val_loss": round(val_loss, 4)}) + "\n")
+                log.flush()
+        if step == c["steps"] or (c["ckpt_every"] and step % c["ckpt_every"] == 0):
+            save_checkpoint(ckpt, model, stepper, {"step": step, "cursor": cursor, "config": c}, rank, world)
+        if step == c["stop_at"]:
+            bar.close()
+            return None
+    bar.close()
+    return save_final(model, tok, os.path.join(c["out_dir"], "final"), c, time.time() - t_start, rank, world)
+
+
+@torch.no_grad()
+def evaluate(model, val, dev, rank, world, dtype):
+    """Mean token NLL on the validation items (each rank a share, summed over ranks)."""
+    model.eval()
+    nll, n = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    for i in range(rank, len(val.items) - len(val.items) % world, world):  # equal counts: FSDP forwards are collective
+        ex = val.example(i, dev)
+        with autocast(dev, dtype):
+            s, k = model([ex])
+        nll, n = nll + s, n + k
+    model.train()
+    return (all_sum(nll, world) / all_sum(n, world).clamp(min=1)).item()
