@@ -2,10 +2,13 @@
 Data for video-SALMONN 2: the Whisper log-mel front end, PyAV video and audio decoding, the frozen-feature
 cache, and the Qwen2 chat format.
 """
+import csv
 import hashlib
 import json
 import logging
 import os
+import sys
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -346,3 +349,90 @@ def decode_response(tok, ids):
     """A generated answer's text, and whether it ended with <|im_end|> (rather than at the token limit)."""
     finished = bool(ids) and ids[-1] == tok.token_to_id("<|im_end|>")
     return tok.decode(ids, skip_special_tokens=True).strip(), finished
+
+
+# -----------------------------------------------------------------------------
+# what the preparers of the public datasets share (data/<name>/prepare.py): they turn a downloaded layout into
+# manifests, naming and counting every row they leave out
+
+
+class Skips:
+    """Rows a preparer leaves out: each named in one line (file:row: skipped: reason), counted by reason."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def __call__(self, where, reason, detail=""):
+        print(f"{where}: skipped: {reason}" + (f" ({detail})" if detail else ""), flush=True)
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    def summary(self, name, written):
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items()))
+        print(f"{name}: written {written}, skipped {sum(self.counts.values())}" + (f" ({reasons})" if reasons else ""))
+
+
+def bad_layout(message):
+    """A --root that is not the layout a preparer reads: one line saying what was expected, exit status 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def table_rows(path, columns, skips, known=()):
+    """(line number, row dict) of a CSV file, or of a TSV file read as Common Voice writes them (no quoting). A file
+    without the columns is not the expected layout; columns neither read nor known are named once and ignored; a
+    row with too few or too many fields is named and skipped."""
+    tsv = path.endswith(".tsv")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        header = reader.fieldnames or []
+        if missing := [c for c in columns if c not in header]:
+            bad_layout(f"{path}: expected the columns {', '.join(columns)}; it has no {', '.join(missing)}")
+        if extra := [c for c in header if c not in columns + known]:
+            print(f"{path}: columns not read: {', '.join(extra)}")
+        for row in reader:
+            if None in row or None in row.values():
+                skips(f"{path}:{reader.line_num}", "malformed row", f"{len(header)} fields expected")
+            else:
+                yield reader.line_num, row
+
+
+def write_manifest(path, items):
+    """Write items as a JSONL manifest (whole, then renamed), their media paths made relative to it -> how many."""
+    root = os.path.dirname(os.path.abspath(path))
+    os.makedirs(root, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for it in items:
+            rel = {k: os.path.relpath(it[k], root) for k in ("video", "audio") if it.get(k)}
+            f.write(json.dumps({**it, **rel}, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {len(items)} items to {path}")
+    return len(items)
+
+
+AUDIBLE_RMS = 0.01  # a second of audio is heard above this RMS (-40 dBFS); below, it is near silence
+
+
+def audible_fraction(path):
+    """The fraction of a file's seconds whose audio is heard (RMS over AUDIBLE_RMS), 0.0 without an audio stream:
+    our measure of "rich audio" for the SFT videos (paper 4.2 selects them but does not say how)."""
+    audio = load_audio(path)
+    if audio is None or not len(audio):
+        return 0.0
+    seconds = np.array_split(audio, max(1, len(audio) // SAMPLE_RATE))
+    return float(np.mean([np.sqrt(np.mean(s.astype(np.float64) ** 2)) > AUDIBLE_RMS for s in seconds]))
+
+
+def lacks_audio(path, min_audio):
+    """Why a video fails the SFT preparers' --min_audio filter, as (reason, detail), or None when it passes."""
+    if min_audio <= 0:
+        return None
+    try:
+        heard = audible_fraction(path)
+    except MediaError as e:
+        return "unreadable video", str(e)
+    return None if heard >= min_audio else ("too little audio", f"heard in {heard:.0%} of its seconds, --min_audio={min_audio}")
+
+
+def held_out(key, fraction):
+    """Whether an item goes to the validation split: a hash of its key, so the split does not depend on row order."""
+    return zlib.crc32(key.encode()) % 10000 < fraction * 10000

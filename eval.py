@@ -200,7 +200,13 @@ def qa_report(c, name, items, answers):
                                     "correct": l == it["answer"]} for it, a, l in zip(items, answers, letters)])
     print(f"{name}: accuracy {100 * right / max(1, len(items)):.1f}% ({right} of {len(items)} items; "
           f"{letters.count(None)} answers without a letter counted wrong)")
-    return {"accuracy": right / max(1, len(items)), "items": len(items), "no_letter": letters.count(None)}
+    out = {"accuracy": right / max(1, len(items)), "items": len(items), "no_letter": letters.count(None)}
+    by_duration = {}  # Video-MME's duration classes, the S / M / L columns of the paper's Table 4
+    for d in ("short", "medium", "long"):
+        if hits := [l == it["answer"] for l, it in zip(letters, items) if it.get("duration") == d]:
+            by_duration[d] = {"accuracy": sum(hits) / len(hits), "items": len(hits)}
+            print(f"{name}: {d:<6} accuracy {100 * sum(hits) / len(hits):.1f}% ({sum(hits)} of {len(hits)} items)")
+    return out | ({"by_duration": by_duration} if by_duration else {})
 
 
 def qa_benchmark(model, tok, c):
