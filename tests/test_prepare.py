@@ -7,13 +7,14 @@ import importlib.util
 import io
 import json
 import os
+import wave
 
 import av
 import numpy as np
 import pytest
 
 import eval as ev
-from data import read_manifest
+from data import audible_fraction, read_manifest
 from test_av_model import tiny_checkpoint  # noqa: F401 (a fixture)
 from test_judge import server  # noqa: F401 (a fixture)
 from test_media import write_video, write_wav
@@ -327,6 +328,17 @@ def test_llava_video(llava_video):
     assert all(it["video"].endswith("academic_source/Charades/Q04US.mp4") for it in items)
     assert sorted(r.split(" (")[0] for r in skipped(out).values()) == ["malformed item", "missing video", "too little audio"]
     assert summary(out, "llava_video").startswith("llava_video: written 3, skipped 3")
+
+
+def test_audible_fraction_counts_the_seconds_heard(tmp_path):
+    """--min_audio's measure: 3 s of tone, 1 s of silence and 2 s of a -60 dB hum are heard in half of their 6 s."""
+    rate, t = 16000, np.arange(16000 * 3) / 16000
+    audio = np.concatenate([0.5 * np.sin(2 * np.pi * 440 * t), np.zeros(rate), 0.001 * np.sin(2 * np.pi * 440 * t[:2 * rate])])
+    with wave.open(str(tmp_path / "a.wav"), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(rate)
+        f.writeframes((audio * 32767).astype("<i2").tobytes())
+    assert audible_fraction(str(tmp_path / "a.wav")) == 0.5
+    assert audible_fraction(str(write_video(tmp_path / "mute.mp4", 2, fps=4, size=(32, 32), tone=None))) == 0.0
 
 
 @pytest.mark.parametrize("name", PREPARERS)

@@ -10,6 +10,7 @@ content_metadata.qAndA[].question / .answer, ...). Parquet is read with pyarrow 
 $ hf auth login && hf download HuggingFaceFV/finevideo --repo-type=dataset --local-dir=downloads/finevideo   # ~600 GB
 $ pip install -r requirements-data.txt
 $ python data/finevideo/prepare.py --root=downloads/finevideo --min_audio=0.5
+(hf is huggingface_hub's command line, installed by requirements-dev.txt)
 
 Writes each video kept to <root>/videos/<shard>_<row>.mp4 and manifests/finevideo_{train,val}.jsonl (a hashed 1 % of
 the videos for validation): per video a caption item, the description then each scene's activities in order (FineVideo's

@@ -8,9 +8,10 @@ Layout followed: one folder a subset (e.g. 0_30_s_academic_v0_1/) holding <subse
 [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...], "data_source", "video"}) and
 <subset>_videos_N.tar.gz archives that extract to the "video" paths, relative to the subset folder.
 
-$ hf download lmms-lab/LLaVA-Video-178K --repo-type=dataset --local-dir=downloads/llava_video --include="0_30_s_*/*"
+$ hf download lmms-lab/LLaVA-Video-178K --repo-type=dataset --local-dir=downloads/llava_video --include="0_30_s_*/*"   # one bucket; all: no --include
 $ cd downloads/llava_video && for f in */*_videos_*.tar.gz; do tar xzf $f -C $(dirname $f); done; cd -
 $ python data/llava_video/prepare.py --root=downloads/llava_video --min_audio=0.5
+(hf is huggingface_hub's command line, installed by requirements-dev.txt)
 
 Writes manifests/llava_video_{train,val}.jsonl (a hashed 1 % of the videos for validation), one item a question-answer
 turn: task caption from the caption files, qa from the others; prompts and answers as released, <image> removed:

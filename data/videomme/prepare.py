@@ -7,10 +7,11 @@ lmms-lab/Video-MME that lmms-eval reads: videomme/test-00000-of-00001.parquet wi
 (["A. ...", "B. ...", "C. ...", "D. ..."]) and answer ("A"-"D"); videos_chunked_NN.zip extracting to data/<videoID>.mp4
 and subtitle.zip to subtitle/<videoID>.srt. Parquet is read with pyarrow (requirements-data.txt).
 
-$ hf download lmms-lab/Video-MME --repo-type=dataset --local-dir=downloads/videomme   # hf: huggingface_hub
+$ hf download lmms-lab/Video-MME --repo-type=dataset --local-dir=downloads/videomme
 $ cd downloads/videomme && for f in videos_chunked_*.zip subtitle.zip; do unzip -q -o $f; done; cd -
 $ pip install -r requirements-data.txt
 $ python data/videomme/prepare.py --root=downloads/videomme
+(hf is huggingface_hub's command line, installed by requirements-dev.txt)
 
 Writes manifests/videomme.jsonl (without subtitles: eval.py builds the Video-MME prompt from question and options) and
 manifests/videomme_subs.jsonl (with them: the prompt lists the subtitles shown at the frames the model samples, 1 fps

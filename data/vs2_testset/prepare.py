@@ -7,8 +7,9 @@ release tsinghua-ee/video-SALMONN_2_testset: video_salmonn2_test.json, a JSON li
 "events": [...]}, its eval.py (which matches predictions to items by "video"), and the videos, under video/ (the
 layout other evaluations of it use) or beside the JSON; a zipped video folder must be unzipped first.
 
-$ hf download tsinghua-ee/video-SALMONN_2_testset --repo-type=dataset --local-dir=downloads/vs2_testset   # hf: huggingface_hub
+$ hf download tsinghua-ee/video-SALMONN_2_testset --repo-type=dataset --local-dir=downloads/vs2_testset
 $ python data/vs2_testset/prepare.py --root=downloads/vs2_testset
+(hf is huggingface_hub's command line, installed by requirements-dev.txt)
 
 Writes manifests/caption_test.jsonl (config/vs2_7b_mrdpo.py's test_data), one item a video, its id the released name:
 {"id": "0.mp4", "video": "../downloads/vs2_testset/video/0.mp4", "task": "caption", "prompt": PROMPT,

@@ -9,10 +9,11 @@ split zips Zip_files/<source>/<source>.zip, .z01, ...; a clip's file is named by
 the files are .flac). The blacklist json_files/blacklist/blacklist_exclude_test_ac.json (AudioSet and FreeSound clips
 also in the AudioCaps and Clotho test sets) is applied when present.
 
-$ hf download cvssp/WavCaps --repo-type=dataset --local-dir=downloads/wavcaps   # hf comes with huggingface_hub
+$ hf download cvssp/WavCaps --repo-type=dataset --local-dir=downloads/wavcaps
 $ cd downloads/wavcaps && for s in AudioSet_SL BBC_Sound_Effects FreeSound SoundBible; do
       zip -s- Zip_files/$s/$s.zip -O $s-joined.zip && unzip -q $s-joined.zip -d $s && rm $s-joined.zip; done; cd -
 $ python data/wavcaps/prepare.py --root=downloads/wavcaps
+(hf is huggingface_hub's command line, installed by requirements-dev.txt)
 
 Each source's audio must be extracted under --root/<source>/ (any depth below it). Writes manifests/wavcaps_train.jsonl:
 {"id": "SoundBible/2219", "audio": "../downloads/wavcaps/SoundBible/.../2219.flac", "task": "audio_caption",
