@@ -380,7 +380,8 @@ def test_qa_accuracy_by_duration_class(tmp_path, monkeypatch):
     items = [{"id": str(i), "video": "a.mp4", "question": "Q?", "options": ["A. x", "B. y", "C. z", "D. w"], "answer": "A",
               "duration": d} for i, d in enumerate(["short", "short", "medium", "long", "long", "long"])]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
-    monkeypatch.setattr(ev, "generate", lambda model, tok, items, use_audio, c: ["A", "B", "no idea", "A", "A", "C"])
+    texts = ["A", "B", "no idea", "A", "A", "C"]
+    monkeypatch.setattr(ev, "answers", lambda model, tok, items, c, n, use_audio: (items, [(t, True) for t in texts]))
     c = {"manifest": str(tmp_path / "qa.jsonl"), "limit": 0, "use_audio": True, "answer_tokens": 8, "out_dir": str(tmp_path)}
     out = ev.qa_benchmark(None, None, c)
     assert out["accuracy"] == pytest.approx(3 / 6) and out["items"] == 6 and out["no_letter"] == 1
