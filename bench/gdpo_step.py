@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
-from config import configure  # noqa: E402
+from config import configure, run  # noqa: E402
 from model import AVConfig, VideoSALMONN2  # noqa: E402
 from train_mrdpo import gdpo_loss, pair_step  # noqa: E402
 
@@ -133,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
-from config import configure  # noqa: E402
+from config import configure, run  # noqa: E402
 from checkpoint import av_config_from_hf  # noqa: E402
 from model import VideoSALMONN2  # noqa: E402
 
@@ -219,4 +219,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

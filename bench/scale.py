@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
 import train_mrdpo  # noqa: E402
 import training  # noqa: E402
-from config import configure  # noqa: E402
+from config import configure, run  # noqa: E402
 from checkpoint import av_config_from_hf  # noqa: E402
 from model import AVConfig, VideoSALMONN2  # noqa: E402
 from train_mrdpo import pair_step  # noqa: E402
@@ -240,4 +240,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

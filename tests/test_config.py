@@ -1,6 +1,6 @@
 import pytest
 
-from config import configure
+from config import UserError, configure, usage
 
 
 def defaults():
@@ -14,13 +14,54 @@ def test_files_then_flags_override_in_order(tmp_path):
     g = defaults()
     resolved = configure(g, [str(f), "--steps=30", "--name=real run", "--greedy", "--lr=1", "--device=cuda"])
     assert resolved == {"lr": 1.0, "steps": 30, "name": "real run", "greedy": True, "targets": ("q_proj",), "device": "cuda"}
-    with pytest.raises(SystemExit, match="unknown config key 'PEAK'"):  # module facts are not overridable
+    with pytest.raises(UserError, match="unknown config key 'PEAK'"):  # module facts are not overridable
         configure(defaults(), ["--PEAK={}"])
     assert isinstance(g["lr"], float)
 
 
+def test_key_space_value_as_well_as_key_equals_value():
+    resolved = configure(defaults(), ["--steps", "30", "--name", "real run", "--greedy", "--lr", "1", "--targets",
+                                      "('k_proj',)"])
+    assert resolved["steps"] == 30 and resolved["name"] == "real run" and resolved["greedy"] is True
+    assert resolved["lr"] == 1.0 and resolved["targets"] == ("k_proj",)
+    # a bare bool flag takes only True / False after it, so it can stand before anything else
+    assert configure(defaults(), ["--greedy", "False", "--steps=2"])["greedy"] is False
+    assert configure(defaults(), ["--device", "False"])["device"] is False  # a None default is a flag too
+    with pytest.raises(UserError, match="--steps needs a value"):
+        configure(defaults(), ["--steps"])
+
+
 @pytest.mark.parametrize("arg,msg", [("--stpes=3", "unknown config key 'stpes'"), ("--steps=3.5", "steps must be int"),
-                                     ("--greedy=yes", "greedy must be bool")])
+                                     ("--greedy=yes", "greedy must be bool"), ("--stpes", "unknown config key 'stpes'")])
 def test_mistakes_fail_loudly(arg, msg):
-    with pytest.raises(SystemExit, match=msg):
+    with pytest.raises(UserError, match=msg):
         configure(defaults(), [arg])
+
+
+def test_only_a_py_file_is_run_as_a_config(tmp_path):
+    """Config files are Python by design; anything else given without --key= is a usage error, never executed."""
+    marker = tmp_path / "ran"
+    clip = tmp_path / "clip.mp4"
+    clip.write_text(f"import os\nos.mkdir({str(marker)!r})\n")  # valid Python: it would run if it were executed
+    with pytest.raises(UserError, match="clip.mp4: not a setting"):
+        configure(defaults(), [str(clip)])
+    assert not marker.exists()
+    with pytest.raises(UserError, match="nowhere.py: no such config file"):
+        configure(defaults(), [str(tmp_path / "nowhere.py")])
+    (tmp_path / "broken.py").write_text("lr = (\n")
+    with pytest.raises(UserError, match=r"broken.py:\d+: "):
+        configure(defaults(), [str(tmp_path / "broken.py")])
+
+
+def test_help_lists_every_setting_with_its_default_and_comment(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text('"""Does a thing."""\nlr = 1e-4  # peak learning rate\nsteps = (\n    10)  # optimizer steps\n'
+                      'name = "toy"\nPEAK = 1\n')
+    g = {"__file__": str(script), "__doc__": "Does a thing.", "lr": 1e-4, "steps": 10, "name": "toy", "PEAK": 1}
+    lines = usage(g, ["lr", "steps", "name"]).splitlines()
+    assert lines[0] == "Does a thing."
+    assert "  --lr=0.0001  # peak learning rate" in lines and "  --steps=10  # optimizer steps" in lines
+    assert "  --name='toy'" in lines and not any("PEAK" in x for x in lines)
+    with pytest.raises(SystemExit) as e:
+        configure(g, ["--steps=3", "--help"])
+    assert e.value.code == 0
