@@ -8,7 +8,8 @@ Every checkpoint layout video-SALMONN 2 meets, side by side: the key maps, the c
 - export: the LLM alone as a Hugging Face Qwen2ForCausalLM
 
 Models are built on the meta device and the safetensors tensors assigned in place, so a 7B model is never
-held twice; a checkpoint that does not fit fails naming the missing and unexpected keys.
+held twice; a checkpoint that does not fit, or a file that is missing or cut short (a download that stopped),
+fails with a CheckpointError naming the file or the missing and unexpected keys.
 """
 import json
 import os
@@ -17,6 +18,7 @@ from dataclasses import fields
 import torch
 from safetensors import safe_open
 
+from config import UserError
 from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
 from model import AVConfig, Qwen2, Qwen2Config
 from qformer import AudioAligner, QFormerConfig
@@ -28,15 +30,53 @@ SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers
 WHISPER_LARGE_V3 = dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
                         encoder_ffn_dim=5120, max_source_positions=1500)
 
+# buffers that Hugging Face's save_pretrained writes but that are no parameters (the authors' Q-Former carries
+# speech_Qformer.bert.embeddings.position_ids, an arange): a checkpoint key ending in one of these names is ignored
+NON_PARAMETER_BUFFERS = ("position_ids",)
+# the released demo prompt (scripts/demo_data.yaml): caption.py's for a checkpoint that does not say its own
+DEMO_PROMPT = ("Give a detailed account of everything in the video, capturing all the specifics. While doing so, "
+               "also include as much information from the audio as possible, ensuring that the descriptions of "
+               "audio and video are well-synchronized.")
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, unreadable (a half-downloaded file) or does not fit the model; names the file."""
+
+
 # -----------------------------------------------------------------------------
 # the machinery: configs, safetensors files, renaming
 
 
 def read_config(path):
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise CheckpointError(f"{path}: no config.json (expected a checkpoint directory)" if os.path.isdir(path)
+                              else f"{path}: no such checkpoint directory")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{file}: not a JSON config ({e})") from e
+
+
+def trained_prompt(path):
+    """The caption prompt a checkpoint was trained with (train_config.json, as our training scripts write it), else
+    the released demo prompt (the released checkpoint has none)."""
+    file = os.path.join(path, "train_config.json")
+    if os.path.exists(file):
+        with open(file) as f:
+            prompt = json.load(f).get("caption_prompt")
+        if prompt:
+            return prompt
+    return DEMO_PROMPT
+
+
+def open_safetensors(file, device="cpu"):
+    """safe_open, a missing or cut-short file named in one line (safetensors checks the size against the header)."""
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except Exception as e:  # SafetensorError, FileNotFoundError
+        raise CheckpointError(f"{file}: cannot be read, an incomplete download? ({e})") from e
 
 
 def make_config(cls, d, **overrides):
@@ -52,12 +92,19 @@ def checkpoint_keys(path):
     """{tensor name: safetensors file} for model.safetensors or a sharded index."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        try:
+            with open(index) as f:
+                files = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        except (ValueError, KeyError, OSError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        for file in sorted(set(files.values())):  # every shard whole before any is read: no late failure at 7B
+            with open_safetensors(file):
+                pass
+        return files
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="pt") as f:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    with open_safetensors(single) as f:
         return {k: single for k in f.keys()}
 
 
@@ -67,19 +114,21 @@ def load_into(model, path, rename, dtype=None, device="cpu", only=None):
     only (a tuple of name prefixes) restricts the load to part of the model."""
     files = checkpoint_keys(path)
     wanted = {}
+    expected = {k for k in model.state_dict() if only is None or k.startswith(only)}
     for key, file in files.items():
         name = rename(key)
+        if name is not None and name not in expected and name.rsplit(".", 1)[-1] in NON_PARAMETER_BUFFERS:
+            continue
         if name is not None and (only is None or name.startswith(only)):
             wanted.setdefault(file, []).append((key, name))
-    expected = {k for k in model.state_dict() if only is None or k.startswith(only)}
     got = {name for pairs in wanted.values() for _, name in pairs}
     missing, unexpected = sorted(expected - got), sorted(got - expected)
     if missing or unexpected:
-        raise ValueError(f"{path}: cannot load {type(model).__name__}: "
+        raise CheckpointError(f"{path}: cannot load {type(model).__name__}: "
                          f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
     state = {}
     for file, pairs in wanted.items():
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with open_safetensors(file, device) as f:
             for key, name in pairs:
                 t = f.get_tensor(key)
                 state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t

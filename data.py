@@ -20,6 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from config import UserError
 from encoders import CHUNK_LENGTH, HOP_LENGTH, N_FFT, SAMPLE_RATE
 
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s chunk
@@ -70,12 +71,13 @@ FPS = 1.0  # frames sampled per second of video
 MAX_FRAMES = 110  # m: a longer video gives m frames spread over its whole length
 IMAGE_SIZE = 384  # SigLIP's input side: frames are squashed to a square, no crop
 IMAGE_MEAN = IMAGE_STD = 0.5  # SigLIP's normalisation, mapping [0, 1] to [-1, 1]
+MIN_AUDIO_SECONDS = 1.0  # a shorter audio is zero-padded to this, as the released code pads
 
 log = logging.getLogger(__name__)
 _warned_silent = set()  # files already reported as having no audio: one warning per file, not per epoch
 
 
-class MediaError(Exception):
+class MediaError(UserError):
     """A video or audio file that cannot be used: missing, empty, truncated, corrupt, or without video."""
 
 
@@ -134,10 +136,12 @@ def load_frames(path, fps=FPS, max_frames=MAX_FRAMES, image_size=IMAGE_SIZE):
 
 
 def fit_audio(audio, duration):
-    """Audio trimmed or zero-padded to duration seconds, and to at least 1 s as the official code pads: AAC's
-    priming and padding, or a separate audio file, make the decoded length differ from the video's."""
-    n = max(SAMPLE_RATE, round(duration * SAMPLE_RATE))
-    return np.pad(audio[:n], (0, n - len(audio[:n])))
+    """Audio as the released code fits it to a video: trimmed to the video's duration, zero-padded to at least
+    MIN_AUDIO_SECONDS, never padded up to the video's duration (a 31 s video with 29.5 s of audio keeps one 30 s
+    segment, 60 tokens, not two)."""
+    n_min = round(MIN_AUDIO_SECONDS * SAMPLE_RATE)
+    audio = audio[:max(n_min, round(duration * SAMPLE_RATE))]
+    return np.pad(audio, (0, max(0, n_min - len(audio))))
 
 
 def load_audio(path):
@@ -180,7 +184,9 @@ def load_video(path, fps=FPS, max_frames=MAX_FRAMES, image_size=IMAGE_SIZE, n_me
     if not has_audio and source not in _warned_silent:
         _warned_silent.add(source)
         log.warning("%s: no audio stream, using silence", source)
-    audio = fit_audio(audio if has_audio else np.zeros(0, np.float32), duration)
+    if not has_audio:  # ours: silence as long as the video
+        audio = np.zeros(round(duration * SAMPLE_RATE), np.float32)
+    audio = fit_audio(audio, duration)
     return Media(frames, times, segment_log_mels(audio, n_mels, segment_seconds), duration, has_audio)
 
 
@@ -189,10 +195,12 @@ def load_video(path, fps=FPS, max_frames=MAX_FRAMES, image_size=IMAGE_SIZE, n_me
 
 
 def cache_key(path, audio_path, fingerprint, prep):
-    """Changes with either file (path, size, mtime), the encoders and every preprocessing constant: the
-    settings in prep and the fixed ones of this file (editing one recomputes every cached item)."""
-    files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in (path, audio_path) if p]
-    fixed = [SAMPLE_RATE, N_FFT, HOP_LENGTH, CHUNK_LENGTH, IMAGE_MEAN, IMAGE_STD]
+    """Changes with either file (its role, path, size, mtime: one file as an item's audio and as a video are two
+    entries), the encoders and every preprocessing constant: the settings in prep and the fixed ones of this file
+    (editing one recomputes every cached item)."""
+    files = [(role, os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+             for role, p in (("video", path), ("audio", audio_path)) if p]
+    fixed = [SAMPLE_RATE, N_FFT, HOP_LENGTH, CHUNK_LENGTH, IMAGE_MEAN, IMAGE_STD, MIN_AUDIO_SECONDS]
     return hashlib.sha256(json.dumps([files, fingerprint, sorted(prep.items()), fixed]).encode()).hexdigest()[:32]
 
 
@@ -275,22 +283,64 @@ class Features:
 # and the released test set's {"video", "conversations": [{"from": "human", "value": "<image>\nPROMPT"}, ...]}
 
 
-def read_manifest(path):
-    """The items of a manifest; a malformed line is reported with its file and line number, and skipped."""
+# the type of each field a manifest item may have; an item with another is skipped, its file, line and field named
+FIELD_TYPES = {"video": str, "audio": str, "prompt": str, "response": str, "task": str, "events": list, "id": (str, int),
+               "answer": str, "question": str, "options": list}
+
+
+def check_fields(item):
+    """ValueError naming the first field of the wrong type (a string of events would become one event per character)."""
+    for key, kind in FIELD_TYPES.items():
+        if key in item and not isinstance(item[key], kind):
+            raise ValueError(f"field {key!r} must be {getattr(kind, '__name__', 'str or int')}, "
+                             f"got {type(item[key]).__name__} {_snippet(item[key])}")
+    for e in item.get("events", []):  # sentences, or the toy's dicts with the sentence under "text"
+        if not (isinstance(e, str) or (isinstance(e, dict) and isinstance(e.get("text"), str))):
+            raise ValueError(f"field 'events' must be a list of sentences, got an element {_snippet(e)}")
+    if not all(isinstance(o, str) for o in item.get("options", [])):
+        raise ValueError("field 'options' must be a list of strings")
+
+
+def _snippet(value, limit=40):
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_manifest(path, prepare=None):
+    """The items of a manifest; a malformed line or a field of the wrong type is reported with its file and line
+    number, and skipped. prepare(item) may complete an item before it is checked (eval.py builds QA prompts).
+    A missing file, or one that is not UTF-8, is a UserError."""
     items, root = [], os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the manifest: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x}); convert it, e.g. with "
+                        f"iconv -f latin1 -t utf-8") from e
     if text.lstrip().startswith("["):  # the released test set is one JSON list: its items count as lines
-        text = "\n".join(json.dumps(x) for x in json.loads(text))
+        try:
+            text = "\n".join(json.dumps(x) for x in json.loads(text))
+        except ValueError as e:
+            raise UserError(f"{path}: not a JSON list nor JSON lines: {e}") from e
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
+            if not isinstance(item, dict):
+                raise ValueError("not a JSON object")
             if "conversations" in item:
                 turns = item.pop("conversations")
                 item["prompt"] = turns[0]["value"].replace("<image>", "").strip()
                 item["response"] = next((t["value"] for t in turns[1:] if t["from"] == "gpt"), "")
+            if prepare:
+                prepare(item)
+            check_fields(item)
             if not isinstance(item.get("prompt"), str) or not (item.get("video") or item.get("audio") or item.get("task") == "text"):
                 raise ValueError("an item needs a prompt and a video or an audio file (or task text)")
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
@@ -313,7 +363,13 @@ SYSTEM = "You are a helpful assistant."
 
 def load_tokenizer(path):
     """A tokenizers.Tokenizer from tokenizer.json (a file, or a checkpoint directory holding one)."""
-    return Tokenizer.from_file(path if path.endswith(".json") else f"{path}/tokenizer.json")
+    file = str(path) if str(path).endswith(".json") else os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise UserError(f"{file}: no such tokenizer file (pass --tokenizer=FILE, e.g. Qwen2-7B-Instruct's tokenizer.json)")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise UserError(f"{file}: not a tokenizer.json ({e})") from e
 
 
 def encode_prompt(tok, prompt, system=SYSTEM):
@@ -343,6 +399,31 @@ def merge_results(path, metrics, seconds):
         json.dump(res, f, indent=1)
     os.replace(path + ".tmp", path)
     return res
+
+
+def read_records(path):
+    """The records of a JSONL file that a run appends to as it goes (captions, MrDPO samples). A crash while appending
+    (power loss, a full disk) can leave the last line cut off: it is dropped, the file rewritten without it, so its
+    item is made again. A bad line before the last is no crash's doing: a UserError naming it."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")  # every whole record ends with a newline: the last piece is "" or the torn line
+    if lines[-1]:
+        print(f"{path}: dropped its cut-off last line (a crash while writing it); that item is made again", flush=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines[:-1]))
+        os.replace(path + ".tmp", path)
+    records = []
+    for n, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            raise UserError(f"{path}:{n}: not a JSON record ({e}); delete the line to make its item again") from e
+    return records
 
 
 def decode_response(tok, ids):

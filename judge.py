@@ -180,6 +180,11 @@ class JudgeError(RuntimeError):
     """An item the judge could not score; the message is one line that names the item."""
 
 
+class NotACompletion(Exception):
+    """A reply with status 200 whose body is not a chat completion (not JSON, or another shape): a broken server or
+    proxy, retried as a server error is."""
+
+
 def _one_line(text, limit=SNIPPET_CHARS):
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit] + "..."
@@ -303,10 +308,13 @@ class LLMClient:
         self.client.close()
 
     def _complete(self, messages, seed):
-        completion = self.client.chat.completions.create(model=self.model, messages=messages, seed=seed,
-                                                         temperature=self.temperature, top_p=self.top_p)
-        choices = completion.choices or []
-        return (choices[0].message.content or "") if choices else ""  # an empty answer fails to parse and is re-asked
+        try:
+            completion = self.client.chat.completions.create(model=self.model, messages=messages, seed=seed,
+                                                             temperature=self.temperature, top_p=self.top_p)
+            choices = completion.choices or []
+            return (choices[0].message.content or "") if choices else ""  # an empty answer fails to parse, is re-asked
+        except (ValueError, AttributeError, TypeError) as e:  # status 200, but the body is no chat completion
+            raise NotACompletion(f"the reply is not a chat completion ({type(e).__name__}: {e})") from e
 
     def _delay(self, failures, error):
         # jitter, so that workers rate-limited together do not all come back together
@@ -330,7 +338,7 @@ class LLMClient:
             if fresh:
                 try:
                     answer = self._complete(messages, seed)
-                except (openai.APIConnectionError, openai.APIStatusError) as e:  # time-outs are connection errors
+                except (openai.APIConnectionError, openai.APIStatusError, NotACompletion) as e:  # time-outs included
                     status = getattr(e, "status_code", None)
                     if status in ITEM_STATUS:
                         raise JudgeError(f"{name}: the judge rejected the request: {_one_line(e)}") from e
@@ -401,14 +409,18 @@ def median_of_runs(judge, items, runs=RUNS, seed=SEED, workers=WORKERS):
     """The released benchmark protocol: judge the whole set runs times, with seeds seed, seed + 1, ..., and report the
     run whose corpus-level Total is the median (index runs // 2 of the runs sorted by Total). Each run's rates are over
     the items judged in that run, as in the released eval.py (there too a re-ask after a bad answer takes the next
-    seed, which a later run may share). Returns that run's {"seed", "miss", "hall", "total",
-    "results", "errors"}, plus "runs": {"seed", "miss", "hall", "total"} of every run in seed order."""
+    seed, which a later run may share). Returns that run's {"seed", "miss", "hall", "total", "judged",
+    "results", "errors"}, plus "runs": {"seed", "miss", "hall", "total", "judged"} of every run in seed order.
+    JudgeError when a run judged no item: a judge that fails on everything gives no rate."""
     done = []
     for r in range(runs):
         results, errors = judge.judge_all(items, seed + r, workers)
+        if not results:  # no rate at all, never 0 %
+            raise JudgeError(f"no rate: the judge failed on all {len(items)} items with seed {seed + r}, e.g. "
+                             f"{next(iter(errors.values()), 'no item')}")
         done.append({"seed": seed + r, **rates(results), "results": results, "errors": errors})
     median = sorted(done, key=lambda run: run["total"])[runs // 2]
-    return {**median, "runs": [{k: run[k] for k in ("seed", "miss", "hall", "total")} for run in done]}
+    return {**median, "runs": [{k: run[k] for k in ("seed", "miss", "hall", "total", "judged")} for run in done]}
 
 
 # -----------------------------------------------------------------------------

@@ -59,6 +59,17 @@ def test_audio_only_items_are_cached_too(tmp_path):
     assert aud.shape[0] == 2 and duration == pytest.approx(2.5) and times == []  # 2 s segments
 
 
+def test_one_file_as_audio_and_as_video_are_two_entries(tmp_path):
+    """The key holds each file's role: the video item must not get the audio-only item's entry (no frames)."""
+    video = write_video(tmp_path / "v.mp4", 2)
+    enc, cache = CountingEncoder(), str(tmp_path / "cache")
+    audio_only = media_features(None, lambda frames, mel: (None, enc(torch.zeros(1, 3, 2, 2), mel)[1]), "e", cache,
+                                audio_path=video, **PREP)
+    vis, aud, times, _ = media_features(video, enc, "e", cache, **PREP)
+    assert audio_only[0] is None and enc.calls == 2
+    assert vis is not None and vis.shape[0] == len(times) == 2
+
+
 def test_manifest_lines_resolve_and_malformed_ones_are_skipped_by_name(tmp_path, caplog):
     from data import read_manifest
     (tmp_path / "m.jsonl").write_text("\n".join([

@@ -34,7 +34,8 @@ def caption_of(body):
 
 class Handler(BaseHTTPRequestHandler):
     """POST /v1/chat/completions: records the request, plays the next queued fault if any (to requests that
-    server.faulty(request body) picks), else answers with server.answer(request body)."""
+    server.faulty(request body) picks), else answers with server.answer(request body). Faults: ("status", code,
+    headers), ("sleep", seconds), ("raw", content type, body bytes): status 200 with a body that is no completion."""
 
     def log_message(self, *args):
         pass
@@ -49,6 +50,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(404, {"error": {"message": "no such route"}})
         if fault and fault[0] == "status":
             return self.reply(fault[1], {"error": {"message": f"fault {fault[1]}", "type": "fault"}}, fault[2])
+        if fault and fault[0] == "raw":
+            return self.send_raw(fault[1], fault[2])
         if fault and fault[0] == "sleep":
             time.sleep(fault[1])  # the client has given up by now; the late answer below goes nowhere
         completion = {"id": "cmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -57,10 +60,12 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(200, completion)
 
     def reply(self, status, payload, headers=None):
-        data = json.dumps(payload).encode()
+        self.send_raw("application/json", json.dumps(payload).encode(), status, headers)
+
+    def send_raw(self, content_type, data, status=200, headers=None):
         try:
             self.send_response(status)
-            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+            for k, v in {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})}.items():
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
@@ -132,6 +137,21 @@ def test_gives_up_after_server_errors_with_one_line(server, make_client):
         make_client(max_attempts=3).judge("caption", EVENTS, name="item 9")
     assert str(e.value).startswith("item 9: no answer from the judge after 3 attempts: InternalServerError")
     assert "\n" not in str(e.value) and len(server.requests) == 3
+
+
+def test_a_reply_that_is_no_chat_completion_is_retried_then_fails_its_item(server, make_client):
+    """HTTP 200 with a body that is not a chat completion (a proxy's HTML page, said to be JSON or not) is a server
+    failure: retried at the same seed, and after max_attempts a JudgeError naming the item, never a crash."""
+    page = b"<html><body>502 Bad Gateway</body></html>"
+    server.faults = [("raw", "application/json", page), ("raw", "text/html", page)]
+    server.answer = lambda body: answer_text(1, 0, 0)
+    out = make_client().judge("caption", EVENTS)
+    assert out["missed"] == 1 and [b["seed"] for b in server.requests] == [SEED] * 3
+    server.faults = [("raw", "text/html", page)] * 2
+    with pytest.raises(JudgeError) as e:
+        make_client(max_attempts=2).judge("another caption", EVENTS, name="item 7")
+    assert str(e.value).startswith("item 7: no answer from the judge after 2 attempts: NotACompletion")
+    assert "\n" not in str(e.value)
 
 
 def test_unparseable_and_inconsistent_answers_are_reasked_with_the_next_seed(server, make_client):

@@ -7,6 +7,7 @@ import transformers as hf
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+from checkpoint import CheckpointError
 from encoders import SiglipVision, WhisperEncoder
 from model import Qwen2
 
@@ -112,11 +113,11 @@ def test_loads_in_bf16_without_a_float32_copy(tmp_path):
 
 
 def test_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere: no config.json"):
+    with pytest.raises(CheckpointError, match="nowhere: no such checkpoint directory"):
         Qwen2.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text(json.dumps(TEXT))
-    with pytest.raises(FileNotFoundError, match="noweights: no model.safetensors"):
+    with pytest.raises(CheckpointError, match="noweights: no model.safetensors"):
         Qwen2.from_pretrained(tmp_path / "noweights")
     hf.Qwen2ForCausalLM(hf.Qwen2Config(**TEXT)).save_pretrained(tmp_path / "ok")
     sd = load_file(str(tmp_path / "ok" / "model.safetensors"))

@@ -97,7 +97,7 @@ def test_audio_tone_length_and_segments(tmp_path):
     audio = load_audio(path)
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert abs(len(audio) - 5 * SR) < 0.05 * SR  # AAC priming and padding: close, not exact
-    assert len(fit_audio(audio, 5.0)) == 5 * SR and len(fit_audio(audio, 0.3)) == SR  # at least 1 s
+    assert len(fit_audio(audio, 5.0)) == min(len(audio), 5 * SR) and len(fit_audio(audio, 0.3)) == SR  # at least 1 s
     assert abs(peak_hz(audio[SR:4 * SR]) - 440) < 2
     assert abs(np.abs(audio[SR:4 * SR]).max() - 0.5 * 2 ** 0.5) < 0.05  # FFmpeg's downmix: (L + R) / sqrt(2)
 
@@ -108,6 +108,17 @@ def test_audio_tone_length_and_segments(tmp_path):
     for i in range(3):
         assert torch.allclose(media.mel[i], log_mel_spectrogram(fitted[2 * SR * i:2 * SR * (i + 1)], 80, 2 * SR))
     assert load_video(path, n_mels=128, image_size=32).mel.shape == (1, 128, 3000)  # one 30 s Whisper chunk
+
+
+def test_audio_is_trimmed_to_the_video_but_never_padded_up_to_it(tmp_path):
+    """As released: pad to 1 s, trim to the video's duration; a 31 s video with 29.5 s of audio keeps one 30 s
+    segment (60 tokens), not two."""
+    assert len(fit_audio(np.ones(round(29.5 * SR), np.float32), 31.0)) == round(29.5 * SR)
+    assert len(fit_audio(np.ones(round(33.0 * SR), np.float32), 31.0)) == 31 * SR
+    assert len(fit_audio(np.ones(SR // 4, np.float32), 31.0)) == SR
+    wav = write_wav(tmp_path / "short.wav", 1.5, tone=880.0)  # the same, scaled down: 2 s segments, a 3 s video
+    media = load_video(write_video(tmp_path / "v.mp4", 3, tone=None), audio_path=wav, segment_seconds=2, image_size=32)
+    assert media.mel.shape == (1, 80, 200) and media.duration == pytest.approx(3.0)
 
 
 def test_no_audio_gives_silence_and_one_warning(tmp_path, caplog):
