@@ -8,9 +8,7 @@ $ python train_align.py config/toy_align.py
 $ torchrun --standalone --nproc_per_node=8 train_align.py config/vs2_7b_align.py
 $ python train_align.py config/toy_align.py --resume
 """
-import sys
-
-from config import configure
+from config import configure, run
 from training import *  # noqa: F403  the supervised stages' settings (what follows overrides them) and the loop
 
 # -----------------------------------------------------------------------------
@@ -24,4 +22,4 @@ out_dir = "out/align"
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    train(configure(globals(), sys.argv[1:]), "align")  # noqa: F405
+    run(lambda argv: train(configure(globals(), argv), "align"))  # noqa: F405

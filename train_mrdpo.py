@@ -17,7 +17,6 @@ $ torchrun --standalone --nproc_per_node=8 train_mrdpo.py config/vs2_7b_mrdpo.py
 import json
 import os
 import random
-import sys
 import time
 
 import torch
@@ -28,10 +27,12 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 import lora
-from config import configure
-from data import Features, decode_response, merge_results, read_manifest
+from checkpoint import CheckpointError
+from config import UserError, configure, run
+from data import Features, decode_response, merge_results, read_manifest, read_records
 from judge import JudgeError, LLMJudge, ToyJudge, rates, repetition_rate
-from training import Stepper, autocast, barrier, build_model, full_state, lr_at, save_final, setup_distributed, shard
+from training import (Stepper, autocast, barrier, build_model, caption_prompt, full_state, load_state, lr_at, save_final,
+                      setup_distributed, shard)
 
 # -----------------------------------------------------------------------------
 init_from = "out/toy/sft/final"  # the AV SFT model (its LoRA merged)
@@ -65,6 +66,7 @@ grad_clip = 1.0  # max global gradient norm (0: off)
 max_bad_steps = 10  # consecutive non-finite losses before the run stops
 activation_checkpointing = False  # recompute each LLM block in backward (the 7B prefix of ~21,000 tokens needs it)
 judge = "toy"  # toy: the exact toy judge; llm: judge.LLMJudge (OPENAI_BASE_URL, OPENAI_API_KEY, JUDGE_MODEL)
+judge_timeout = 120.0  # seconds one LLM judge request may take before it is abandoned and retried
 fps = 1.0
 max_frames = 110
 cache_dir = "out/toy/cache"
@@ -120,10 +122,6 @@ def select_pair(a, b, t, c):
 # -----------------------------------------------------------------------------
 
 
-def jsonl(path):
-    return [json.loads(x) for x in open(path)] if os.path.exists(path) else []
-
-
 def append(path, rec):
     with open(path, "a") as f:  # one line per record, flushed: a crash loses at most the line being written
         f.write(json.dumps(rec) + "\n")
@@ -142,12 +140,15 @@ def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge):
     """Phases 2-3 for this rank's videos, appended to samples_rank{r}.jsonl; finished videos are skipped.
     The LLM judge's answers are cached, so a crash while judging asks nothing twice."""
     path = os.path.join(rdir, f"samples_rank{rank}.jsonl")
-    done = {r["i"] for r in jsonl(path)}
+    done = {r["i"] for r in read_records(path)}  # a cut-off last line is dropped there, and its video sampled again
     stop, dev = (tok.token_to_id("<|im_end|>"),), next(model.parameters()).device
     model.eval()
     videos = [i for i, it in enumerate(data.items) if it.get("task") == "caption"]
     if c["videos_per_round"]:
         videos = sorted(random.Random(c["seed"] + t).sample(videos, min(c["videos_per_round"], len(videos))))
+    if done:
+        print(f"round {t}: sampling resumed, {len(done)} of {len(videos[rank::world_size])} videos already sampled and "
+              f"judged ({path})", flush=True)
     for i in videos[rank::world_size]:
         if i in done:
             continue
@@ -171,7 +172,7 @@ def round_pairs(rdir, t, c, data):
     """Phase 4 over every rank's samples: the kept pairs, with the ground-truth caption for the CE term."""
     pairs = []
     for name in sorted(f for f in os.listdir(rdir) if f.startswith("samples_rank")):
-        for r in jsonl(os.path.join(rdir, name)):
+        for r in read_records(os.path.join(rdir, name)):
             a, b = r["samples"][:2]
             kept = select_pair(a, b, t, c)
             if kept:
@@ -186,7 +187,10 @@ def train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size):
     stepper = Stepper(model, peak, c["weight_decay"], c["grad_clip"], c["max_bad_steps"], world_size, dev)
     step, ckpt = 0, os.path.join(rdir, f"ckpt_rank{rank}.pt")
     if os.path.exists(ckpt):  # resume inside the round: the proxy, the optimizer, the step (tensors only: no code)
-        state = torch.load(ckpt, weights_only=True)
+        state = load_state(ckpt)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        if {n: tuple(v.shape) for n, v in state["proxy"].items()} != shapes:
+            raise CheckpointError(f"{ckpt}: its proxy does not fit this run's (another lora_r or lora_targets?)")
         model.load_state_dict(state["proxy"], strict=False)
         stepper.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -231,7 +235,12 @@ def round_model(c, dev, t):
     for s in range(1, t + 1):
         if s > 1 and c["proxy"]:
             lora.merge_lora(model)
-        lora.load_lora(model, os.path.join(c["out_dir"], f"round{s}", "proxy.safetensors"))
+        path = os.path.join(c["out_dir"], f"round{s}", "proxy.safetensors")
+        try:
+            lora.load_lora(model, path)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: does not fit this run's LoRA (lora_r={c['lora_r']}, lora_targets="
+                                  f"{tuple(c['lora_targets'])}; the round was trained with others?): {e}") from e
     return model, tok
 
 
@@ -241,6 +250,8 @@ def evaluate_round(model, tok, c, judge, split, rank, world_size):
     says over how many it judged). None on the other ranks."""
     items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
     items = items[:c["val_items"]] if split == "val" and c["val_items"] else items
+    if not items:
+        raise UserError(f"{c[f'{split}_data']}: no caption item to evaluate")
     dev = next(model.parameters()).device
     data = Features(model, tok, items[rank::world_size], fps=c["fps"], max_frames=c["max_frames"],
                     cache_dir=c["cache_dir"], responses=False)
@@ -258,7 +269,11 @@ def evaluate_round(model, tok, c, judge, split, rank, world_size):
                                        "events": it["events"]} for it, text, ended in outs])
     for e in errors.values():
         print(f"{split}: {e}", flush=True)
-    return rates(judged)
+    if not judged:  # a judge that failed on every caption must not look like a perfect model; the round's proxy is
+        # saved, so a rerun only evaluates it again (the judge's answers are cached)
+        raise SystemExit(f"{split}: no rate: the judge failed on all {len(outs)} captions, e.g. "
+                         f"{next(iter(errors.values()), 'none could be read')}")
+    return {**rates(judged), "items": len(outs)}
 
 
 def main(c):
@@ -266,20 +281,27 @@ def main(c):
     rank, world_size, dev = setup_distributed(c["device"])
     os.makedirs(c["out_dir"], exist_ok=True)
     # the exact toy judge (the toy world's caption grammar) or the LLM judge, for the samples and each round's rates
-    judge = ToyJudge() if c["judge"] == "toy" else LLMJudge(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"))
+    judge = ToyJudge() if c["judge"] == "toy" else LLMJudge(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"),
+                                                            timeout=c["judge_timeout"])
+    train_items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
+    if not any(it["task"] == "caption" for it in train_items):
+        raise UserError(f"{c['train_data']}: no caption item to sample")
     history = []
     for t in range(1, c["rounds"] + 1):
         rdir = os.path.join(c["out_dir"], f"round{t}")
         os.makedirs(rdir, exist_ok=True)
         if os.path.exists(os.path.join(rdir, "done.json")):
             history.append(json.load(open(os.path.join(rdir, "done.json"))))
+            if rank == 0:
+                print(f"round {t}: done in an earlier run ({rdir}/done.json)", flush=True)
             continue
         proxy_path = os.path.join(rdir, "proxy.safetensors")
+        if os.path.exists(proxy_path) and rank == 0:
+            print(f"round {t}: trained in an earlier run ({proxy_path}), resuming at its evaluation", flush=True)
         if not os.path.exists(proxy_path):  # else the round crashed while evaluating: its training is done
             model, tok = round_model(c, dev, t - 1)
             start_round(model, c, t)
-            items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
-            data = Features(model, tok, items, rank, world_size, c["fps"], c["max_frames"], c["cache_dir"])
+            data = Features(model, tok, train_items, rank, world_size, c["fps"], c["max_frames"], c["cache_dir"])
             sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge)
             barrier(world_size)
             pairs = round_pairs(rdir, t, c, data)
@@ -313,10 +335,11 @@ def main(c):
         barrier(world_size)
     if rank == 0:  # out_dir/final: the last round's model, its LoRA merged, in the released layout
         model, tok = round_model(c, dev, c["rounds"])
-        save_final(model, tok, os.path.join(c["out_dir"], "final"), c, time.time() - t_start, 0, 1)
-        rounds_out = [{"round": h["round"], "miss": h["miss"], "hall": h["hall"], "total": h["total"], "pairs": h["pairs"]} for h in history]
+        save_final(model, tok, os.path.join(c["out_dir"], "final"), c, time.time() - t_start, 0, 1,
+                   caption_prompt(train_items, c["init_from"]))
+        rounds_out = [{k: h[k] for k in ("round", "miss", "hall", "total", "judged", "pairs") if k in h} for h in history]
         merge_results(c["results"], {"rounds": rounds_out}, {"mrdpo": time.time() - t_start})
 
 
 if __name__ == "__main__":
-    main(configure(globals(), sys.argv[1:]))
+    run(lambda argv: main(configure(globals(), argv)))

@@ -9,10 +9,8 @@ $ torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$M
       train_sft.py config/vs2_7b_sft.py                                          # 4 nodes, shared out_dir
 $ python train_sft.py config/toy_sft.py --resume                                 # continue from out_dir/ckpt
 """
-import sys
-
-from config import configure
+from config import configure, run
 from training import *  # noqa: F403  the supervised stages' settings (overridable below and by configure) and the loop
 
 if __name__ == "__main__":
-    train(configure(globals(), sys.argv[1:]), "sft")  # noqa: F405
+    run(lambda argv: train(configure(globals(), argv), "sft"))  # noqa: F405

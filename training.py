@@ -12,8 +12,10 @@ import datetime
 import json
 import math
 import os
+import pickle
 import shutil
 import time
+from collections import Counter
 from functools import lru_cache
 
 import torch
@@ -23,6 +25,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import lora
+from checkpoint import CheckpointError, read_config
+from config import UserError
 from data import Features, load_tokenizer, read_manifest
 from model import AVConfig, VideoSALMONN2
 
@@ -91,6 +95,11 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
     """The model of settings c (init_from, llava + whisper, or arch) with LoRA applied and only the `trainable`
     parameters requiring grad (in fp32, AdamW's), the rest in `dtype` (default c's), and its tokenizer."""
     dt = getattr(torch, dtype or c["dtype"])
+    for path in (c["init_from"], c.get("llava"), c.get("whisper")):  # a wrong directory named before anything loads
+        if path and path != "scratch":
+            read_config(path)
+    if not (c["init_from"] or c.get("llava")):
+        raise UserError("no model to start from: set init_from (a checkpoint dir or \"scratch\"), or llava and whisper")
     tok = load_tokenizer(c["tokenizer"] or c["init_from"] or c.get("llava"))
     if c["init_from"] == "scratch":
         cfg = AVConfig.from_dict(c["arch"])
@@ -233,19 +242,34 @@ def checkpoint_meta(path):
 
 def load_weights(model, path):
     """The trainable weights of a checkpoint into the unsharded model; they must be exactly its trainable set."""
-    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    file = os.path.join(path, "trainable.safetensors")
+    try:
+        weights = load_file(file)
+    except Exception as e:  # SafetensorError, FileNotFoundError
+        raise CheckpointError(f"{file}: cannot be read ({e})") from e
     expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     got = {n: tuple(t.shape) for n, t in weights.items()}
     if got != expected:
         wrong = sorted(set(got.items()) ^ set(expected.items()))
-        raise SystemExit(f"{path}: the checkpoint's weights do not match the model's trainable parameters "
-                         f"(another LoRA rank or trainable set?): {wrong[:3]}")
+        raise CheckpointError(f"{path}: the checkpoint's weights do not match the model's trainable parameters "
+                              f"(another LoRA rank or trainable set than the run that wrote it?): {wrong[:3]}")
     model.load_state_dict(weights, strict=False)
 
 
-def load_optimizer(path, stepper, rank):
-    """The optimizer state and RNG a rank saved (tensors only: nothing in a checkpoint runs as code)."""
-    state = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+def load_state(file):
+    """torch.load of a resume state, tensors and plain containers only: a checkpoint is shared between people, and a
+    crafted one would otherwise run code when loaded. A file that holds anything else, or is cut short, is named."""
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused: it holds objects other than tensors, which loading would run as code "
+                              f"(not a checkpoint this code wrote)") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
+def load_optimizer(state, stepper):
+    """The optimizer state and RNG a rank saved (read by load_state: nothing in a checkpoint runs as code)."""
     stepper.opt.load_state_dict(state["optimizer"])
     stepper.bad_in_a_row = state.get("bad_in_a_row", 0)
     torch.set_rng_state(state["rng"]["cpu"])
@@ -253,9 +277,22 @@ def load_optimizer(path, stepper, rank):
         torch.cuda.set_rng_state(state["rng"]["cuda"])
 
 
-def save_final(model, tok, path, c, seconds, rank, world):
+def caption_prompt(items, init_from):
+    """The caption prompt a model is trained with, saved with it for caption.py: the most common prompt of the caption
+    items, else (a stage without captions, the audio alignment) the one its starting checkpoint was trained with."""
+    prompts = Counter(it["prompt"] for it in items if it.get("task") == "caption")
+    if prompts:
+        return prompts.most_common(1)[0][0]
+    file = os.path.join(init_from or "", "train_config.json")
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        return json.load(f).get("caption_prompt")
+
+
+def save_final(model, tok, path, c, seconds, rank, world, prompt=None):
     """path/: the whole model with the LoRA merged into the backbone (paper Eq. 8), in the released layout, with its
-    tokenizer and the run's settings."""
+    tokenizer and the run's settings (train_config.json, with the caption prompt it was trained with)."""
     if c["lora_r"]:
         lora.merge_lora(model)
     state = full_state(model, lambda n: "lora_" not in n)
@@ -263,7 +300,7 @@ def save_final(model, tok, path, c, seconds, rank, world):
         model.save_pretrained(path, state)
         tok.save(os.path.join(path, "tokenizer.json"))
         with open(os.path.join(path, "train_config.json"), "w") as f:
-            json.dump({**c, "seconds": round(seconds, 1)}, f, indent=1)
+            json.dump({**c, "seconds": round(seconds, 1), "caption_prompt": prompt}, f, indent=1)
     barrier(world)
     return path
 
@@ -296,6 +333,11 @@ def train(c, stage):
     t_start = time.time()
     rank, world, dev = setup_distributed(c["device"])
     master = rank == 0
+    # the manifests first: a mistake in them costs a second, not a 7B model load
+    items = [it for m in c["train_data"].split(",") for it in read_manifest(m) if it["task"] in c["tasks"]]
+    val_items = [it for it in read_manifest(c["val_data"]) if it["task"] in c["tasks"]] if c["val_data"] else []
+    if not items:
+        raise UserError(f"{c['train_data']}: no item of the tasks {tuple(c['tasks'])} to train on")
     os.makedirs(c["out_dir"], exist_ok=True)
     torch.manual_seed(c["seed"])  # the same initial weights on every rank
     model, tok = build_model(c, dev)
@@ -304,25 +346,24 @@ def train(c, stage):
     meta, found = checkpoint_meta(ckpt) if c["resume"] else (None, None)
     if c["resume"]:
         if meta is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpt}")
+            raise UserError(f"--resume: no checkpoint in {ckpt}")
         if meta["world"] != world:
-            raise SystemExit(f"{found} was written by {meta['world']} processes, this run has {world}")
+            raise UserError(f"{found} was written by {meta['world']} processes, this run has {world}")
         load_weights(model, found)
+        state = load_state(os.path.join(found, f"rank{rank}.pt"))  # before the feature cache is warmed: fails fast
     prep = dict(fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"], use_audio=c["use_audio"])
-    items = [it for m in c["train_data"].split(",") for it in read_manifest(m) if it.get("task", "caption") in c["tasks"]]
     data = Features(model, tok, items, rank, world, **prep)
-    val_items = [it for it in read_manifest(c["val_data"]) if it.get("task", "caption") in c["tasks"]] if c["val_data"] else []
     val = Features(model, tok, val_items[:c["eval_items"]], rank, world, **prep) if val_items else None
     if master:
         print(f"{stage}: {len(data.items)} items ({data.skipped} skipped), {world} processes, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
     if not data.items:
-        raise SystemExit(f"{c['train_data']}: no item to train on ({data.skipped} skipped)")
+        raise UserError(f"{c['train_data']}: no item to train on ({data.skipped} skipped, named above)")
     model = shard(model, world, dev)
     stepper = Stepper(model, c["lr"], c["weight_decay"], c["grad_clip"], c["max_bad_steps"], world, dev)
     step, cursor = 0, 0
     if meta:
-        load_optimizer(found, stepper, rank)
+        load_optimizer(state, stepper)
         step, cursor = meta["step"], meta["cursor"]
         if master:
             print(f"{stage}: resumed from {found} at step {step} of {c['steps']}", flush=True)
@@ -361,7 +402,8 @@ def train(c, stage):
             bar.close()
             return None
     bar.close()
-    return save_final(model, tok, os.path.join(c["out_dir"], "final"), c, time.time() - t_start, rank, world)
+    return save_final(model, tok, os.path.join(c["out_dir"], "final"), c, time.time() - t_start, rank, world,
+                      caption_prompt(data.items, c["init_from"]))
 
 
 @torch.no_grad()

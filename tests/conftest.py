@@ -20,3 +20,25 @@ def make_tokenizer(path=None, vocab_size=300):
     if path:
         tok.save(str(path))
     return tok
+
+
+class RunsCode:
+    """Unpickling this calls os.mkdir(path): a stand-in for a checkpoint crafted to run a shell command."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def write_crafted_state(file, marker):
+    """A resume state whose unpickling would run code (it makes the directory marker), checked to do so when loaded
+    the unsafe way (weights_only=False), so that a test showing it is not run shows something."""
+    import torch
+    payload = RunsCode(str(marker))  # one object (pickled once) where either resume state keeps its tensors
+    torch.save({"optimizer": payload, "proxy": payload, "rng": {}}, file)
+    torch.load(file, weights_only=False)
+    assert os.path.isdir(marker)
+    os.rmdir(marker)
+    return file

@@ -13,6 +13,10 @@ from safetensors.torch import load_file
 
 import lora
 import train_mrdpo
+from checkpoint import CheckpointError
+from config import configure
+from conftest import write_crafted_state
+from data import Features, read_manifest
 from judge import ToyJudge
 from model import VideoSALMONN2
 from test_av_model import tiny_model
@@ -143,7 +147,8 @@ def toy(tmp_path_factory):
 
 def mrdpo_config(toy, out, **kw):
     d = toy / "data"
-    c = dict(init_from=str(toy / "sft" / "final"), tokenizer="", train_data=str(d / "train.jsonl"),
+    c = configure(dict(vars(train_mrdpo)), [])  # the script's defaults, for any setting not named below
+    c.update(init_from=str(toy / "sft" / "final"), tokenizer="", train_data=str(d / "train.jsonl"),
              val_data=str(d / "val.jsonl"), test_data=str(d / "test.jsonl"), rounds=2, steps_per_round=4,
              round_lrs=(1e-2, 1e-2), beta=0.1, ce_weight=0.1, proxy=True, qa_mix=0.5, samples_per_video=2,
              temperature=1.5, top_p=1.0, max_new_tokens=16, videos_per_round=0, val_items=1, lora_r=4, lora_alpha=8, lora_dropout=0.0,
@@ -155,7 +160,7 @@ def mrdpo_config(toy, out, **kw):
     return c
 
 
-def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch):
+def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     c = mrdpo_config(toy, out)
     train_mrdpo.main(c)
@@ -184,7 +189,11 @@ def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch):
     for f in ("done.json", "proxy.safetensors"):
         os.remove(out / "round2" / f)
     assert torch.load(out / "round2" / "ckpt_rank0.pt", weights_only=True)["step"] == 2
+    capsys.readouterr()
     train_mrdpo.main(c)
+    said = capsys.readouterr().out  # where it resumed: round, phase, step
+    assert "round 1: done in an earlier run" in said and "round 2: sampling resumed, 8 of 8 videos" in said
+    assert "round 2: training resumed at step 2 of 4" in said
     for k, v in load_file(str(out / "round2" / "proxy.safetensors")).items():
         assert torch.allclose(v, proxy2[k], atol=1e-6), k
 
@@ -192,6 +201,7 @@ def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch):
     done, log = (out / "round2" / "done.json").read_text(), (out / "round2" / "log.jsonl").read_text()
     os.remove(out / "round2" / "done.json")
     train_mrdpo.main(c)
+    assert "round 2: trained in an earlier run" in capsys.readouterr().out
     assert (out / "round2" / "done.json").read_text() == done and (out / "round2" / "log.jsonl").read_text() == log
     shutil.rmtree(out)
 
@@ -211,7 +221,7 @@ def test_a_round_judged_by_the_llm_judge(toy, tmp_path, monkeypatch, server):
     assert len(records) == 7  # that video is left out of the round's pairs, the other seven go on
     assert len(server.requests) == 1 + 2 * len(records) + 1 + len(tests) == 1 + 14 + 1 + len(tests)  # samples, val, test
     done = json.loads((out / "round1" / "done.json").read_text())
-    assert set(done["val"]) == {"miss", "hall", "total", "judged"}  # rated by the LLM judge, not by the toy's exact judge
+    assert set(done["val"]) == {"miss", "hall", "total", "judged", "items"}  # rated by the LLM judge, not by the toy's exact judge
     items = [json.loads(x) for x in (toy / "data" / "train.jsonl").read_text().splitlines()]  # as data.items
     for r in records:
         for s in r["samples"]:
@@ -264,3 +274,83 @@ def test_two_processes_run_every_phase_and_evaluate_as_one(toy, tmp_path):
         model, tok = train_mrdpo.round_model(c, torch.device("cpu"), t)
         one = train_mrdpo.evaluate_round(model, tok, c, ToyJudge(), "test", 0, 1)
         assert {k: done[k] for k in one} == one
+
+
+# -----------------------------------------------------------------------------
+# faults (issue 12): each from one finished round of one step
+
+
+@pytest.fixture(scope="module")
+def one_round(toy, tmp_path_factory):
+    """One round of one step, with grad_clip=0."""
+    c = mrdpo_config(toy, tmp_path_factory.mktemp("one") / "run", rounds=1, steps_per_round=1, grad_clip=0.0)
+    train_mrdpo.main(c)
+    return c
+
+
+def with_samples(c, out, **kw):
+    """The settings of a run in out whose round 1 has c's samples already (so it does not sample again)."""
+    (out / "round1").mkdir(parents=True)
+    shutil.copy(os.path.join(c["out_dir"], "round1", "samples_rank0.jsonl"), out / "round1")
+    return {**c, "out_dir": str(out), "results": str(out / "results.json"), **kw}
+
+
+def test_grad_clip_0_is_off(one_round):
+    """grad_clip=0 means no clipping, as in SFT: clip_grad_norm_(params, 0) would zero every gradient."""
+    proxy = load_file(os.path.join(one_round["out_dir"], "round1", "proxy.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in proxy.items() if k.endswith("lora_B"))
+
+
+def test_thresholds_is_a_setting(tmp_path):
+    """Table 6 is set from a config file or the command line like any other setting."""
+    (tmp_path / "t.py").write_text("thresholds = ((0.5, 0.0),)\n")
+    assert configure(dict(vars(train_mrdpo)), [str(tmp_path / "t.py")])["thresholds"] == ((0.5, 0.0),)
+    assert configure(dict(vars(train_mrdpo)), ["--thresholds", "((0.1, 0.2),)"])["thresholds"] == ((0.1, 0.2),)
+
+
+def test_non_finite_losses_stop_after_max_bad_steps(one_round, tmp_path, monkeypatch, capsys):
+    nan = torch.tensor(float("nan"))
+    monkeypatch.setattr(train_mrdpo, "pair_step", lambda *a: (nan, nan, nan, torch.zeros(1), torch.zeros(1)))
+    c = with_samples(one_round, tmp_path / "nan", steps_per_round=5, max_bad_steps=2, qa_mix=0.0)
+    with pytest.raises(SystemExit, match="2 non-finite losses in a row at round 1 step 1"):
+        train_mrdpo.main(c)
+    assert "round 1 step 0: non-finite loss, step skipped" in capsys.readouterr().out
+
+
+def test_a_cut_off_last_sample_line_is_dropped_and_its_video_sampled_again(one_round, tmp_path, capsys):
+    lines = open(os.path.join(one_round["out_dir"], "round1", "samples_rank0.jsonl")).read().splitlines(keepends=True)
+    c = with_samples(one_round, tmp_path / "torn")
+    path = tmp_path / "torn" / "round1" / "samples_rank0.jsonl"
+    path.write_text("".join(lines[:3]) + lines[3][:len(lines[3]) // 2])  # the power went out mid-line
+    model, tok = train_mrdpo.round_model(c, torch.device("cpu"), 0)
+    start_round(model, c, 1)
+    items = [it for it in read_manifest(c["train_data"]) if it["task"] in ("caption", "qa")]
+    data = Features(model, tok, items, 0, 1, c["fps"], c["max_frames"], c["cache_dir"])
+    train_mrdpo.sample_and_judge(model, tok, data, str(path.parent), c, 1, 0, 1, ToyJudge())
+    assert path.read_text() == "".join(lines)  # each video's draws are seeded: the same samples again
+    assert "cut-off last line" in capsys.readouterr().out
+
+
+def test_a_round_checkpoint_that_would_run_code_is_refused(one_round, tmp_path):
+    c = with_samples(one_round, tmp_path / "crafted", steps_per_round=4)
+    marker = tmp_path / "ran"
+    write_crafted_state(tmp_path / "crafted" / "round1" / "ckpt_rank0.pt", marker)
+    with pytest.raises(CheckpointError, match="ckpt_rank0.pt: refused") as e:
+        train_mrdpo.main(c)
+    assert not marker.exists() and "\n" not in str(e.value)
+
+
+def test_another_lora_rank_names_the_round_it_cannot_load(one_round, tmp_path):
+    c = {**one_round, "out_dir": str(tmp_path / "r8"), "rounds": 2, "lora_r": 8, "lora_alpha": 16}
+    shutil.copytree(os.path.join(one_round["out_dir"], "round1"), tmp_path / "r8" / "round1")
+    with pytest.raises(CheckpointError, match=r"round1/proxy.safetensors: does not fit this run's LoRA \(lora_r=8"):
+        train_mrdpo.main(c)
+
+
+def test_a_judge_that_fails_every_caption_gives_no_rate(one_round):
+    class Failing:
+        def judge_all(self, items, seed=None, workers=None):
+            return [], {it["id"]: f"item {it['id']}: the judge rejected the request" for it in items}
+    model, tok = train_mrdpo.round_model(one_round, torch.device("cpu"), 1)
+    with pytest.raises(SystemExit, match="val: no rate: the judge failed on all 1 captions"):
+        train_mrdpo.evaluate_round(model, tok, one_round, Failing(), "val", 0, 1)

@@ -137,6 +137,9 @@ def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
                                          "final_linear.")) for k in changed)  # only the aligner trained
     log = [json.loads(x) for x in (tmp_path / "align" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all({"loss", "lr", "tok/s"} <= r.keys() for r in log)
+    # caption.py's default prompt: the most common caption prompt of what trained, kept by a stage without captions
+    saved = [json.loads((tmp_path / s / "final" / "train_config.json").read_text())["caption_prompt"] for s in ("sft", "align")]
+    assert saved == ["Describe the video in detail."] * 2
 
 
 def test_toy_stages_and_results_json(tmp_path):
