@@ -5,24 +5,22 @@ $ python caption.py --ckpt=DIR --video=FILE [--prompt="..."] [--greedy] [--audio
 
 DIR is a checkpoint in the released layout (config.json, model.safetensors, tokenizer.json), e.g. the
 released tsinghua-ee/video-SALMONN-2 or one written by our training scripts. A video that cannot be
-read prints one line naming it and exits with status 2.
+read, a checkpoint or tokenizer.json that is missing or cut short, prints one line naming it and exits
+with status 2, before the model is loaded where it can.
 """
-import sys
-
 import torch
 
-from config import configure
-from data import MediaError, encode_prompt, load_tokenizer, load_video
-from checkpoint import av_config_from_hf, read_config
+from checkpoint import av_config_from_hf, read_config, trained_prompt
+from config import UserError, configure, run
+from data import encode_prompt, load_tokenizer, load_video
 from model import VideoSALMONN2
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # checkpoint directory
+tokenizer = ""  # tokenizer.json; empty: the one in ckpt
 video = ""  # the video file
 audio = ""  # a separate audio file (16 kHz or any rate PyAV reads); empty: the video's own audio
-prompt = ("Give a detailed account of everything in the video, capturing all the specifics. While doing so, "
-          "also include as much information from the audio as possible, ensuring that the descriptions of "
-          "audio and video are well-synchronized.")  # the released demo prompt
+prompt = ""  # empty: the caption prompt the checkpoint was trained with (train_config.json), else the released one
 greedy = False  # argmax decoding, as the released evaluation; else nucleus sampling
 temperature = 1.0  # sampling temperature
 top_p = 0.9  # nucleus mass, as the released MrDPO sampling
@@ -38,24 +36,22 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 def main(argv):
     configure(globals(), argv)
     if not ckpt or not video:
-        raise SystemExit("usage: python caption.py --ckpt=DIR --video=FILE [--prompt=...] [--greedy]")
+        raise UserError("usage: python caption.py --ckpt=DIR --video=FILE [--prompt=...] [--greedy] (--help: all settings)")
     cfg = av_config_from_hf(read_config(ckpt))
-    try:  # before loading the model, so a bad file fails in a second, not after loading 16 GB
-        media = load_video(video, fps, max_frames, cfg.vision.image_size, cfg.whisper.num_mel_bins,
-                           cfg.segment_seconds, audio or None)
-    except MediaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # the video and the tokenizer before the model, so a bad file fails in a second, not after loading 16 GB
+    media = load_video(video, fps, max_frames, cfg.vision.image_size, cfg.whisper.num_mel_bins,
+                       cfg.segment_seconds, audio or None)
+    tok = load_tokenizer(tokenizer or ckpt)
     model = VideoSALMONN2.from_pretrained(ckpt, getattr(torch, dtype), device).eval()
-    tok = load_tokenizer(ckpt)
     frames, mel = (t.to(device, getattr(torch, dtype)) for t in (media.frames, media.mel))
     feats = (*model.encode(frames, mel), media.times, media.duration)
     g = torch.Generator(device).manual_seed(seed)
-    ids = model.sample(feats, encode_prompt(tok, prompt), max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, greedy=greedy, stop_ids=(tok.token_to_id("<|im_end|>"),), generator=g)[0]
+    ids = model.sample(feats, encode_prompt(tok, prompt or trained_prompt(ckpt)), max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=(tok.token_to_id("<|im_end|>"),),
+                       generator=g)[0]
     print(tok.decode(ids, skip_special_tokens=True))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(main)

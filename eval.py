@@ -18,18 +18,20 @@ The LLM judge and the QA LLM are any OpenAI-compatible server: OPENAI_BASE_URL, 
 import json
 import os
 import re
-import sys
 import time
+from functools import lru_cache
 
 import torch
 
-from config import configure
-from data import Features, decode_response, load_tokenizer, merge_results, read_manifest
+from checkpoint import read_config, trained_prompt
+from config import UserError, configure, run
+from data import Features, decode_response, load_tokenizer, merge_results, read_manifest, read_records
 from judge import SEED, JudgeError, LLMClient, LLMJudge, ToyJudge, each, median_of_runs, rates
 from model import VideoSALMONN2
 
 # -----------------------------------------------------------------------------
-ckpt = ""  # checkpoint directory (released layout, with tokenizer.json)
+ckpt = ""  # checkpoint directory (released layout)
+tokenizer = ""  # tokenizer.json; empty: the one in ckpt
 stage = "sft"  # toy stage: base | align | sft; decides the metrics and the key in `results`
 data_dir = "data/toyav"  # the toy world's manifests
 results = "out/toy/results.json"  # merged into, stage by stage
@@ -47,16 +49,16 @@ out_dir = "out/eval"  # per-item JSON, the released predictions format, and resu
 captions = ""  # qa_from_captions: a predictions file [{"id": [video], "pred": ...}] to use instead of generating
 matches = ""  # elo: JSONL of pairwise preferences {"a": model, "b": model, "winner": "a" | "b" | "tie"}
 caption_tokens = 1024  # longest benchmark caption, as the released eval
+batch_size = 8  # videos captioned together; each batch's captions are appended to out_dir/captions.jsonl at once
 answer_tokens = 8  # new tokens of a multiple-choice answer: a letter, maybe with a word or two around it
 use_audio = True  # False for a visual-only model (the visual base)
-caption_prompt = ("Give a detailed account of everything in the video, capturing all the specifics. While doing so, "
-                  "also include as much information from the audio as possible, ensuring that the descriptions of "
-                  "audio and video are well-synchronized.")  # qa_from_captions' captions: the released demo prompt
+caption_prompt = ""  # qa_from_captions' captions; empty: the checkpoint's trained one, else the released demo prompt
 judge_model = ""  # the caption judge; empty: env JUDGE_MODEL, else gpt-3.5-turbo-0125 (judge.py)
 qa_model = "gpt-4o"  # the text LLM answering from captions, GPT-4o in the paper's Table 3
 events_model = "gpt-4o"  # the LLM that splits ground-truth captions into atomic events, GPT-4o in 3.3.1
 events_out = ""  # events: the manifest written, its caption items with their "events"
 judge_cache = "out/judge_cache.sqlite"  # every LLM answer, so that no request is paid for twice
+judge_timeout = 120.0  # seconds one LLM request may take before it is abandoned and retried
 workers = 8  # concurrent LLM requests
 # -----------------------------------------------------------------------------
 JUDGE_RUNS = 7  # the released protocol: the whole set judged with 7 seeds, the median-Total run reported
@@ -105,6 +107,8 @@ def toy_metrics(model, tok, c):
     caps, outs = answers(model, tok, pick([it for it in test if it["task"] == "caption"]), c, c["max_new_tokens"], not base)
     texts = [text for text, _ in outs]
     judged, _ = judge.judge_all([{"caption": text, "events": it["events"]} for text, it in zip(texts, caps)])
+    if not judged:
+        raise SystemExit(f"{c['stage']}: no rate: no caption item could be read (named above)")
     out = {**rates(judged), "accuracy": judge.accuracy(texts, caps)}
     if not base:
         qa, outs = answers(model, tok, pick([it for it in test if it["task"] == "qa"]), c, c["max_new_tokens"])
@@ -132,37 +136,69 @@ def write_predictions(c, videos, texts):
     write_json(c, "predictions.json", [{"id": [video_id(v, c)], "pred": t} for v, t in zip(videos, texts)])
 
 
-def percent_row(name, r):
-    return f"{name:<12}{100 * r['miss']:>7.1f}{100 * r['hall']:>7.1f}{100 * r['total']:>8.1f}"
+def percent_row(name, r, items):
+    return f"{name:<12}{100 * r['miss']:>7.1f}{100 * r['hall']:>7.1f}{100 * r['total']:>8.1f}{r['judged']:>8} of {items}"
 
 
-def caption_benchmark(model, tok, c):
+def say_dropped(task, total, reasons):
+    """One line: how many of the manifest's items a task leaves out, and why."""
+    said = [f"{n} {why}" for why, n in reasons.items() if n]
+    print(f"{task}: {total} items; dropped: {', '.join(said) if said else 'none'}", flush=True)
+
+
+def caption_benchmark(load, c):
     """The released caption benchmark: a greedy caption per video, judged JUDGE_RUNS times against the atomic events
-    with seeds SEED, SEED + 1, ...; the run with the median Total is reported, its rates over the items it judged."""
-    items = [it for it in read_manifest(c["manifest"]) if it.get("events")][:c["limit"] or None]
-    items, outs = answers(model, tok, items, c, c["caption_tokens"], c["use_audio"])
+    with seeds SEED, SEED + 1, ...; the run with the median Total is reported, its rates over the items it judged.
+    Each batch's captions go to out_dir/captions.jsonl as they are made, and a rerun continues from that file."""
+    listed = read_manifest(c["manifest"])
+    items = [it for it in listed if it.get("events")][:c["limit"] or None]
     ids = [str(it.get("id") or video_id(it["video"], c)) for it in items]
-    judge = LLMJudge(c["judge_model"] or None, cache_path=c["judge_cache"])
+    path = os.path.join(c["out_dir"], "captions.jsonl")
+    made = {r["id"]: r for r in read_records(path)}
+    todo = [it for i, it in zip(ids, items) if i not in made]
+    if made:
+        print(f"captions: {sum(i in made for i in ids)} captions from {path} (an earlier run), {len(todo)} to make")
+    unreadable = 0
+    if todo:
+        model, tok = load()
+        os.makedirs(c["out_dir"], exist_ok=True)
+        for start in range(0, len(todo), c["batch_size"]):
+            batch = todo[start:start + c["batch_size"]]
+            kept, outs = answers(model, tok, batch, c, c["caption_tokens"], c["use_audio"])
+            unreadable += len(batch) - len(kept)
+            with open(path, "a", encoding="utf-8") as f:
+                for it, (text, ended) in zip(kept, outs):
+                    rec = {"id": str(it.get("id") or video_id(it["video"], c)), "video": video_id(it["video"], c),
+                           "prompt": it["prompt"], "prediction": text, "truncated": not ended}
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    made[rec["id"]] = rec
+    say_dropped("captions", len(listed), {"without events": sum(not it.get("events") for it in listed),
+                                          "unreadable (named above)": unreadable})
+    done = [(it, made[i]) for i, it in zip(ids, items) if i in made]
+    if not done:
+        raise SystemExit(f"captions: no caption to judge: none of the {len(items)} videos could be read")
+    write_predictions(c, [it["video"] for it, _ in done], [r["prediction"] for _, r in done])
+    judge = LLMJudge(c["judge_model"] or None, cache_path=c["judge_cache"], timeout=c["judge_timeout"])
     try:
-        run = median_of_runs(judge, [{"id": i, "caption": text, "truncated": not ended, "events": it["events"]}
-                                     for i, it, (text, ended) in zip(ids, items, outs)], JUDGE_RUNS, workers=c["workers"])
+        run = median_of_runs(judge, [{"id": r["id"], "caption": r["prediction"], "truncated": r["truncated"],
+                                      "events": it["events"]} for it, r in done], JUDGE_RUNS, workers=c["workers"])
+    except JudgeError as e:  # a judge that fails on every item must not look like a perfect model
+        raise SystemExit(f"captions: {e} (the captions are kept in {path}; every answer is cached, a rerun asks only "
+                         f"for what failed)") from e
     finally:
         judge.close()
     judged = {r["id"]: r for r in run["results"]}
-    write_json(c, "captions.json", [{"id": i, "video": video_id(it["video"], c), "prompt": it["prompt"], "prediction": text,
-                                     "truncated": not ended, **judged.get(i, {"error": run["errors"].get(i)})}
-                                    for i, it, (text, ended) in zip(ids, items, outs)])
-    write_predictions(c, [it["video"] for it in items], [text for text, _ in outs])
-    print(f"captions: {len(items)} videos, {sum(not e for _, e in outs)} truncated; judge {judge.model}, "
-          f"{JUDGE_RUNS} runs; rates over the {len(judged)} of {len(items)} items judged in the median run")
-    print(f"{'seed':<12}{'Miss%':>7}{'Hall%':>7}{'Total%':>8}")
+    write_json(c, "captions.json", [{**r, **judged.get(r["id"], {"error": run["errors"].get(r["id"])})} for _, r in done])
+    print(f"captions: {len(done)} videos, {sum(r['truncated'] for _, r in done)} truncated; judge {judge.model}, "
+          f"{JUDGE_RUNS} runs; each run's rates over the items it judged")
+    print(f"{'seed':<12}{'Miss%':>7}{'Hall%':>7}{'Total%':>8}{'judged':>8}")
     for r in run["runs"]:
-        print(percent_row(f"    {r['seed']}", r))
-    print(percent_row(f"median {run['seed']}", run))
+        print(percent_row(f"    {r['seed']}", r, len(done)))
+    print(percent_row(f"median {run['seed']}", run, len(done)))
     if run["errors"]:
         print(f"the judge failed on {len(run['errors'])} item(s) in the median run, left out of its rates:")
         print("\n".join(f"  {e}" for e in run["errors"].values()))
-    return {k: run[k] for k in ("miss", "hall", "total", "seed", "runs")} | {"judged": len(judged), "items": len(items)}
+    return {k: run[k] for k in ("miss", "hall", "total", "seed", "runs")} | {"judged": len(judged), "items": len(done)}
 
 
 def options_text(options):
@@ -172,16 +208,16 @@ def options_text(options):
 
 def read_qa(path):
     """The multiple-choice items (those with an "answer" letter) of a JSONL manifest, media paths made absolute. An item
-    keeps its prompt (the toy's hold the Video-MME prompt already); one with "question" and "options" gets QA_PROMPT."""
-    root, items = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
-        for line in f:
-            it = json.loads(line) if line.strip() else {}
-            if "answer" in it:
-                if "prompt" not in it:
-                    it["prompt"] = QA_PROMPT.format(question=it["question"], options=options_text(it["options"]))
-                it["video"] = os.path.join(root, it["video"])
-                items.append(it)
+    keeps its prompt (the toy's hold the Video-MME prompt already); one with "question" and "options" gets QA_PROMPT.
+    A malformed line is named and skipped (read_manifest); a manifest without a multiple-choice item is a UserError."""
+    def prepare(it):
+        if "answer" in it:
+            it.setdefault("task", "qa")
+            if "prompt" not in it:
+                it["prompt"] = QA_PROMPT.format(question=it["question"], options=options_text(it["options"]))
+    items = [it for it in read_manifest(path, prepare) if "answer" in it]
+    if not items:
+        raise UserError(f"{path}: no multiple-choice item (one with an \"answer\" letter)")
     return items
 
 
@@ -209,8 +245,12 @@ def qa_report(c, name, items, answers):
     return out | ({"by_duration": by_duration} if by_duration else {})
 
 
-def qa_benchmark(model, tok, c):
-    items, outs = answers(model, tok, read_qa(c["manifest"])[:c["limit"] or None], c, c["answer_tokens"], c["use_audio"])
+def qa_benchmark(load, c):
+    listed = read_qa(c["manifest"])[:c["limit"] or None]
+    items, outs = answers(*load(), listed, c, c["answer_tokens"], c["use_audio"])
+    say_dropped("qa", len(listed), {"unreadable (named above)": len(listed) - len(items)})
+    if not items:
+        raise SystemExit("qa: no accuracy: none of the videos could be read")
     return qa_report(c, "qa", items, [text for text, _ in outs])
 
 
@@ -220,22 +260,35 @@ def parse_letter(answer):
     return answer
 
 
-def qa_from_captions(model, tok, c):
+def read_predictions(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {p["id"][0]: p["pred"] for p in json.load(f)}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path}: not a predictions file [{{\"id\": [video], \"pred\": caption}}, ...] ({e})") from e
+
+
+def qa_from_captions(load, c):
     """Paper 5.3: a text LLM (qa_model) answers each question from the caption of its video alone."""
     items = read_qa(c["manifest"])[:c["limit"] or None]
     videos = list(dict.fromkeys(it["video"] for it in items))
     if c["captions"]:
-        preds = {p["id"][0]: p["pred"] for p in json.load(open(c["captions"]))}
+        preds = read_predictions(c["captions"])
         if missing := [video_id(v, c) for v in videos if video_id(v, c) not in preds]:
-            raise SystemExit(f"{c['captions']}: no caption of {len(missing)} videos, e.g. {missing[0]}")
+            raise UserError(f"{c['captions']}: no caption of {len(missing)} videos, e.g. {missing[0]}")
         caps = {v: preds[video_id(v, c)] for v in videos}
     else:
-        kept, outs = answers(model, tok, [{"video": v, "prompt": c["caption_prompt"]} for v in videos], c,
-                             c["caption_tokens"], c["use_audio"])
+        prompt = c["caption_prompt"] or trained_prompt(c["ckpt"])
+        kept, outs = answers(*load(), [{"video": v, "prompt": prompt} for v in videos], c, c["caption_tokens"],
+                             c["use_audio"])
         write_predictions(c, [it["video"] for it in kept], [text for text, _ in outs])
         caps = {it["video"]: text for it, (text, _) in zip(kept, outs)}
+        unread = sum(it["video"] not in caps for it in items)
+        say_dropped("qa_from_captions", len(items), {"of unreadable videos (named above)": unread})
         items = [it for it in items if it["video"] in caps]
-    client = LLMClient(c["qa_model"], cache_path=c["judge_cache"])
+        if not items:
+            raise SystemExit("qa_from_captions: no accuracy: none of the videos could be read")
+    client = LLMClient(c["qa_model"], cache_path=c["judge_cache"], timeout=c["judge_timeout"])
 
     def ask(it):  # the video's own prompt, asked of its description
         question = it["prompt"].replace("based on the video", "based on the description of the video")
@@ -264,9 +317,29 @@ def elo(matches, k=ELO_K, base=ELO_BASE, scale=ELO_SCALE, initial=ELO_INITIAL):
     return ratings
 
 
+def read_matches(path):
+    games = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the matches: {e.strerror or e}") from e
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                g = json.loads(line)
+                if not (isinstance(g, dict) and {"a", "b"} <= set(g) and g.get("winner") in ("a", "b", "tie")):
+                    raise ValueError('not {"a": model, "b": model, "winner": "a" | "b" | "tie"}')
+            except ValueError as e:
+                raise UserError(f"{path}:{n}: {e}") from e
+            games.append(g)
+    return games
+
+
 def elo_table(c):
-    with open(c["matches"]) as f:
-        games = [json.loads(line) for line in f if line.strip()]
+    if not c["matches"]:
+        raise UserError("--task=elo needs --matches=FILE")
+    games = read_matches(c["matches"])
     ratings = elo(games)
     played = {name: sum(name in (g["a"], g["b"]) for g in games) for name in ratings}
     print(f"elo: {len(games)} matches, Table 9 parameters (initial {ELO_INITIAL}, base {ELO_BASE}, scale {ELO_SCALE}, K {ELO_K})")
@@ -279,10 +352,13 @@ def add_events(c):
     """The GPT-4o role of 3.3.1 over a manifest: each caption item with a ground-truth response gets the atomic
     events of that response, and the items are written as a new manifest, which MrDPO and the caption benchmark read.
     An item the LLM fails on is named and left out; every answer is cached, so a rerun asks only for those."""
-    if not c["events_out"]:
-        raise SystemExit("--task=events needs --events_out=FILE")
-    items = [it for it in read_manifest(c["manifest"]) if it["task"] == "caption" and it.get("response")][:c["limit"] or None]
-    client = LLMClient(c["events_model"], cache_path=c["judge_cache"])
+    if not c["manifest"] or not c["events_out"]:
+        raise UserError("--task=events needs --manifest=FILE and --events_out=FILE")
+    listed = read_manifest(c["manifest"])
+    items = [it for it in listed if it["task"] == "caption" and it.get("response")][:c["limit"] or None]
+    say_dropped("events", len(listed), {"not captions with a response": len(listed) - sum(
+        it["task"] == "caption" and bool(it.get("response")) for it in listed)})
+    client = LLMClient(c["events_model"], cache_path=c["judge_cache"], timeout=c["judge_timeout"])
     try:
         events = each(lambda it: client.decompose(it["response"], name=it["line"]), items, c["workers"])
     finally:
@@ -303,7 +379,12 @@ def add_events(c):
 
 
 def load_model(c):
-    return VideoSALMONN2.from_pretrained(c["ckpt"], getattr(torch, c["dtype"]), c["device"]).eval(), load_tokenizer(c["ckpt"])
+    """(model, tokenizer) of --ckpt: its config and tokenizer.json checked before the weights are loaded."""
+    if not c["ckpt"]:
+        raise UserError(f"--{'task=' + c['task'] if c['task'] else 'stage=' + c['stage']} needs --ckpt=DIR")
+    read_config(c["ckpt"])
+    tok = load_tokenizer(c["tokenizer"] or c["ckpt"])
+    return VideoSALMONN2.from_pretrained(c["ckpt"], getattr(torch, c["dtype"]), c["device"]).eval(), tok
 
 
 def run_task(c):
@@ -311,9 +392,12 @@ def run_task(c):
         return no_model[c["task"]](c)
     tasks = {"captions": caption_benchmark, "qa": qa_benchmark, "qa_from_captions": qa_from_captions}
     if c["task"] not in tasks:
-        raise SystemExit(f"unknown task {c['task']!r}: captions, qa, qa_from_captions, elo or events")
-    from_file = c["task"] == "qa_from_captions" and c["captions"]  # answering from a predictions file needs no model
-    return tasks[c["task"]](*((None, None) if from_file else load_model(c)), c)
+        raise UserError(f"unknown task {c['task']!r}: captions, qa, qa_from_captions, elo or events")
+    if not c["manifest"]:
+        raise UserError(f"--task={c['task']} needs --manifest=FILE")
+    # the model is loaded when a task first needs it: after its manifest is read, and not at all when every caption
+    # comes from an earlier run or a predictions file
+    return tasks[c["task"]](lru_cache(maxsize=1)(lambda: load_model(c)), c)
 
 
 def main(argv):
@@ -334,4 +418,4 @@ def main(argv):
     print(f"{c['stage']}: {json.dumps(metrics)}")
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

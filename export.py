@@ -13,13 +13,12 @@ $ python export.py --ckpt=out/sft/final --out=out/export    # any model dir in t
 import json
 import os
 import shutil
-import sys
 
 import torch
 
 import lora
 from checkpoint import save_hf_qwen2
-from config import configure
+from config import UserError, configure, run
 from data import load_tokenizer
 from model import VideoSALMONN2
 from training import build_model, load_weights
@@ -27,18 +26,26 @@ from training import build_model, load_weights
 # -----------------------------------------------------------------------------
 ckpt = ""  # out_dir/ckpt of train_sft.py / train_align.py, or a model dir in the released layout
 out = ""  # written whole to out.tmp, then renamed
+tokenizer = ""  # tokenizer.json for a model dir without one; empty: the checkpoint's
 dtype = "bfloat16"  # of the exported weights ("" keeps the checkpoint's)
 max_shard_gb = 5.0  # safetensors shard size, as Hugging Face uploads use
 # -----------------------------------------------------------------------------
 
 
-def load(path):
-    """(merged model, tokenizer) from a training checkpoint or a released-layout model dir."""
+def load(path, tokenizer=""):
+    """(merged model, tokenizer) from a training checkpoint or a released-layout model dir (tokenizer: a
+    tokenizer.json for a model dir without one)."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such checkpoint directory")
     meta = os.path.join(path, "meta.json")
     if not os.path.exists(meta):
-        return VideoSALMONN2.from_pretrained(path), load_tokenizer(path)
-    with open(meta) as f:
-        c = json.load(f)["config"]
+        tok = load_tokenizer(tokenizer or path)  # before the model: a missing tokenizer.json fails in a second
+        return VideoSALMONN2.from_pretrained(path), tok
+    try:
+        with open(meta) as f:
+            c = json.load(f)["config"]
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{meta}: not the meta.json of a training checkpoint ({e})") from e
     torch.manual_seed(c["seed"])
     model, tok = build_model(c, torch.device("cpu"), dtype="float32", lora_dropout=0.0)
     load_weights(model, path)
@@ -46,7 +53,7 @@ def load(path):
 
 
 def export(c):
-    model, tok = load(c["ckpt"])
+    model, tok = load(c["ckpt"], c["tokenizer"])
     dt = getattr(torch, c["dtype"]) if c["dtype"] else next(model.llm.parameters()).dtype
     state = {n: (p.to(dt) if p.is_floating_point() else p) for n, p in model.state_dict().items() if "lora_" not in n}
     shard_bytes = int(c["max_shard_gb"] * 2**30)
@@ -62,8 +69,12 @@ def export(c):
     return c["out"]
 
 
+def main(argv):
+    c = configure(globals(), argv)
+    if not c["ckpt"] or not c["out"]:
+        raise UserError("usage: python export.py --ckpt=DIR --out=DIR  (--help: every setting)")
+    export(c)
+
+
 if __name__ == "__main__":
-    config = configure(globals(), sys.argv[1:])
-    if not config["ckpt"] or not config["out"]:
-        raise SystemExit("usage: python export.py --ckpt=DIR --out=DIR")
-    export(config)
+    run(main)

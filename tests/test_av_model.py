@@ -210,10 +210,10 @@ def test_caption_cli_greedy_equals_model_sample(tiny_checkpoint, tmp_path):
     out = run_caption(f"--ckpt={tiny_checkpoint}", f"--video={video}", "--greedy", "--max_new_tokens=6")
     assert out.returncode == 0, out.stderr
     from data import encode_prompt, load_tokenizer, load_video
-    import caption
     m, tok = VideoSALMONN2.from_pretrained(tiny_checkpoint).eval(), load_tokenizer(str(tiny_checkpoint))
     media = load_video(video, image_size=8, n_mels=80, segment_seconds=2.0)
-    ids = m.sample((*m.encode(media.frames, media.mel), media.times, media.duration), encode_prompt(tok, caption.prompt),
+    prompt = checkpoint.DEMO_PROMPT  # no --prompt, and the checkpoint says none: the released demo prompt
+    ids = m.sample((*m.encode(media.frames, media.mel), media.times, media.duration), encode_prompt(tok, prompt),
                    max_new_tokens=6, greedy=True, stop_ids=(tok.token_to_id("<|im_end|>"),))[0]
     assert len(ids) >= 1 and out.stdout.strip() == tok.decode(ids, skip_special_tokens=True).strip()
 

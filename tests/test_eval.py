@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as ev
+from checkpoint import DEMO_PROMPT
 from data import encode_prompt, load_tokenizer, load_video
 from judge import MAX_ATTEMPTS, SEED, rates, reduce_repeated_words
 from model import VideoSALMONN2
@@ -106,7 +107,7 @@ def test_qa_accuracy_counts_letters(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "answers", lambda model, tok, items, c, n, use_audio: (items, [(t, True) for t in texts]))
     c = {"manifest": str(write_manifest(tmp_path / "qa.jsonl", qa_items())), "limit": 0, "use_audio": True,
          "answer_tokens": 8, "out_dir": str(tmp_path / "out")}
-    out = ev.qa_benchmark(None, None, c)
+    out = ev.qa_benchmark(lambda: (None, None), c)
     assert out == {"accuracy": pytest.approx(1 / 3), "items": 3, "no_letter": 1}
     rows = json.loads((tmp_path / "out" / "qa.json").read_text())
     assert [(r["letter"], r["correct"]) for r in rows] == [("B", True), ("C", False), (None, False)]
@@ -177,8 +178,10 @@ def test_caption_benchmark_end_to_end(tiny_checkpoint, tmp_path, server):  # noq
         assert {k: r[k] for k in cnt} == cnt
     assert "error" in rows[2] and "missed" not in rows[2] and "item c.mp4" in rows[2]["error"]
     row = next(line for line in out.splitlines() if line.startswith("median"))
-    assert row.split() == ["median", str(seed)] + [f"{100 * median[k]:.1f}" for k in ("miss", "hall", "total")]
-    assert "rates over the 2 of 3 items" in out and any("item c.mp4" in line for line in out.splitlines())
+    assert row.split() == ["median", str(seed)] + [f"{100 * median[k]:.1f}" for k in ("miss", "hall", "total")] + ["2", "of", "3"]
+    seed_rows = [line.split() for line in out.splitlines() if re.match(r"\s+20\d\d ", line)]
+    assert len(seed_rows) == 7 and all(r[-3:] == ["2", "of", "3"] for r in seed_rows)  # how many judged, next to each rate
+    assert any("item c.mp4" in line for line in out.splitlines())
     res = json.loads((tmp_path / "out" / "results.json").read_text())["captions"]
     assert res["seed"] == seed and (res["judged"], res["items"]) == (2, 3)
     assert [res[k] for k in ("miss", "hall", "total")] == pytest.approx([median[k] for k in ("miss", "hall", "total")])
@@ -214,7 +217,7 @@ def test_qa_from_generated_captions(tiny_checkpoint, tmp_path, server):  # noqa:
              f"--out_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}", "--caption_tokens=5",
              f"--judge_cache={tmp_path / 'judge.sqlite'}", port=server.server_port)
     preds = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    assert preds == [{"id": [v], "pred": greedy(tiny_checkpoint, str(tmp_path / v), ev.caption_prompt, 5)[0]}
+    assert preds == [{"id": [v], "pred": greedy(tiny_checkpoint, str(tmp_path / v), DEMO_PROMPT, 5)[0]}
                      for v in ("a.mp4", "b.mp4")]
     asked = [b["messages"][-1]["content"] for b in server.requests]
     assert len(asked) == 3 and all(b["model"] == ev.qa_model for b in server.requests)
