@@ -383,7 +383,7 @@ def test_qa_accuracy_by_duration_class(tmp_path, monkeypatch):
     texts = ["A", "B", "no idea", "A", "A", "C"]
     monkeypatch.setattr(ev, "answers", lambda model, tok, items, c, n, use_audio: (items, [(t, True) for t in texts]))
     c = {"manifest": str(tmp_path / "qa.jsonl"), "limit": 0, "use_audio": True, "answer_tokens": 8, "out_dir": str(tmp_path)}
-    out = ev.qa_benchmark(None, None, c)
+    out = ev.qa_benchmark(lambda: (None, None), c)
     assert out["accuracy"] == pytest.approx(3 / 6) and out["items"] == 6 and out["no_letter"] == 1
     assert out["by_duration"] == {"short": {"accuracy": 0.5, "items": 2}, "medium": {"accuracy": 0.0, "items": 1},
                                   "long": {"accuracy": pytest.approx(2 / 3), "items": 3}}
