@@ -5,7 +5,9 @@ The frozen encoders of video-SALMONN 2, in plain PyTorch, their parameter names 
   log-mel in, 1500 frames of 20 ms out.
 - SiglipVision: the SigLIP tower, returning the last kept layer before post-layernorm (LLaVA-OneVision
   runs 26 of so400m's 27 layers).
-Both are frozen in every stage (paper 3.2); their outputs are what the feature cache stores.
+- Qwen25Vision: the Qwen2.5-VL ViT of video-SALMONN 2+ (3D patches, 2D RoPE, window attention, the 2 x 2
+  merger to the LLM width); its merger trains in 2+, its blocks do not.
+Whisper and SigLIP are frozen in every stage (paper 3.2); their outputs are what the feature cache stores.
 Loading is in checkpoint.py (the classmethods here call it).
 """
 import math
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def init_normal(module, std=0.02):
@@ -179,3 +182,173 @@ class SiglipVision(nn.Module):
             x = block(x)
         return x
 
+
+
+# -----------------------------------------------------------------------------
+# Qwen2.5-VL vision transformer (video-SALMONN 2+)
+
+
+@dataclass
+class Qwen25VisionConfig:  # field names are transformers' Qwen2_5_VLVisionConfig's; defaults Qwen2.5-VL-7B-Instruct's
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112  # pixels per attention window side: 4 x 4 merged tokens
+    fullatt_block_indexes: tuple = (7, 15, 23, 31)  # the blocks that attend over the whole frame
+    out_hidden_size: int = 3584  # the LLM width (2048 for 3B, 8192 for 72B)
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self):  # one flattened patch of pixel_values: C x temporal x patch x patch
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()  # normalise in fp32, scale in the input dtype, as the reference does
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotate_half_apply(x, cos, sin):
+    """RoPE with the half-split rotation, in fp32, back in x's dtype; x (N, nh, hd), cos/sin (N, hd)."""
+    xf, c, s = x.float(), cos[:, None].float(), sin[:, None].float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * c + torch.cat((-x2, x1), dim=-1) * s).to(x.dtype)
+
+
+def segment_attention(q, k, v, lengths):
+    """Bidirectional attention within consecutive segments of a packed sequence: q, k, v (N, nh, hd),
+    lengths summing to N. Segments are padded to the longest into one batch (windows are at most
+    window^2 patches, frames all the same size), the padding masked out as keys."""
+    N, nh, hd = q.shape
+    S, L = len(lengths), max(lengths)
+    lens = torch.tensor(lengths, device=q.device)
+    starts = torch.cumsum(lens, 0) - lens
+    seg = torch.repeat_interleave(torch.arange(S, device=q.device), lens)  # (N,) segment of each token
+    slot = seg * L + torch.arange(N, device=q.device) - starts[seg]  # (N,) its place in the padded (S, L) layout
+    pad = lambda t: t.new_zeros(S * L, nh, hd).index_copy(0, slot, t).view(S, L, nh, hd).transpose(1, 2)  # (S, nh, L, hd)
+    mask = (torch.arange(L, device=q.device)[None] < lens[:, None])[:, None, None, :]  # (S, 1, 1, L) real keys
+    y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)  # (S, nh, L, hd)
+    return y.transpose(1, 2).reshape(S * L, nh, hd)[slot]  # (N, nh, hd)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: Qwen25VisionConfig):
+        super().__init__()
+        self.n_head = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, lengths):
+        N, C = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.n_head, C // self.n_head).unbind(1)  # each (N, nh, hd)
+        q, k = rotate_half_apply(q, cos, sin), rotate_half_apply(k, cos, sin)
+        return self.proj(segment_attention(q, k, v, lengths).reshape(N, C))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: Qwen25VisionConfig):
+        super().__init__()
+        C, H = cfg.hidden_size, cfg.intermediate_size
+        self.norm1 = RMSNorm(C)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = RMSNorm(C)
+        self.mlp = nn.ModuleDict(dict(gate_proj=nn.Linear(C, H), up_proj=nn.Linear(C, H), down_proj=nn.Linear(H, C)))
+
+    def forward(self, x, cos, sin, lengths):
+        x = x + self.attn(self.norm1(x), cos, sin, lengths)
+        h = self.norm2(x)
+        return x + self.mlp.down_proj(F.silu(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+
+
+class PatchMerger(nn.Module):
+    """Each 2 x 2 block of neighbouring patches (adjacent in the patch order) -> one LLM token."""
+
+    def __init__(self, cfg: Qwen25VisionConfig):
+        super().__init__()
+        self.dim = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.ln_q = RMSNorm(cfg.hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(self.dim, self.dim), nn.GELU(), nn.Linear(self.dim, cfg.out_hidden_size))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).view(-1, self.dim))  # (N / 4, out_hidden_size)
+
+
+class Qwen25Vision(nn.Module):
+    """The Qwen2.5-VL ViT and its merger: pixel_values (N, patch_dim) of videos whose patch grids are
+    grid_thw (n, 3), patches in the processor's order (per temporal grid, 2 x 2 merge blocks row by row)
+    -> LLM tokens (N / 4, out_hidden_size) in the same order. Parameter names are those below `visual.`."""
+
+    def __init__(self, cfg: Qwen25VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(
+            cfg.in_channels, cfg.hidden_size, (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size),
+            stride=(cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), bias=False)))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+        self.activation_checkpointing = False
+        init_normal(self)
+
+    def rope(self, grid_thw):
+        """cos, sin (N, head_dim) of each patch: half the rotary dims for its row, half for its column."""
+        m, d = self.cfg.spatial_merge_size, self.cfg.head_dim // 2
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))  # (d/2,)
+        pos = []
+        for t, h, w in grid_thw.tolist():
+            hw = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"))  # (2, h, w)
+            hw = hw.view(2, h // m, m, w // m, m).permute(0, 1, 3, 2, 4).reshape(2, -1)  # (2, h*w) in merge-block order
+            pos.append(hw.repeat(1, t))
+        freqs = torch.cat(pos, 1).T[..., None].float() * inv_freq  # (N, 2, d/2)
+        emb = freqs.flatten(1).repeat(1, 2)  # (N, head_dim): [h freqs, w freqs] twice
+        return emb.cos(), emb.sin()
+
+    def windows(self, grid_thw):
+        """The window order of the merged tokens and the window lengths (in patches). Each frame's merged
+        grid is cut into windows of window_size pixels from the top-left (edge windows are smaller);
+        attention runs within a window except in the full-attention blocks."""
+        m = self.cfg.spatial_merge_size
+        ws = self.cfg.window_size // m // self.cfg.patch_size  # merged tokens per window side
+        order, lengths, offset = [], [], 0
+        for t, h, w in grid_thw.tolist():
+            gh, gw = h // m, w // m
+            nh, nw = -(-gh // ws), -(-gw // ws)
+            idx = F.pad(torch.arange(t * gh * gw).view(t, gh, gw), (0, nw * ws - gw, 0, nh * ws - gh), value=-1)
+            idx = idx.view(t, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(t * nh * nw, ws * ws)  # (windows, ws*ws)
+            real = idx >= 0
+            order.append(idx[real] + offset)
+            lengths += [n * m * m for n in real.sum(1).tolist() if n]
+            offset += t * gh * gw
+        return torch.cat(order), lengths
+
+    def forward(self, pixel_values, grid_thw):
+        cfg, unit = self.cfg, self.cfg.spatial_merge_size ** 2
+        x = F.linear(pixel_values.to(self.merger.ln_q.weight.dtype), self.patch_embed.proj.weight.flatten(1))  # (N, C): the Conv3d, kernel = stride = patch
+        N, C = x.shape
+        cos, sin = self.rope(grid_thw)
+        order, window_lengths = self.windows(grid_thw)
+        # windows gather whole 2 x 2 merge blocks, so the permutation moves groups of `unit` patches
+        permute = lambda t: t.view(N // unit, unit, -1)[order.to(t.device)].view(N, -1)
+        x, cos, sin = permute(x), permute(cos.to(x.device)), permute(sin.to(x.device))
+        frame_lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]  # a frame's windows stay contiguous
+        for i, block in enumerate(self.blocks):
+            lengths = frame_lengths if i in cfg.fullatt_block_indexes else window_lengths
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, lengths, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, lengths)
+        return self.merger(x)[torch.argsort(order).to(x.device)]  # (N / 4, out_hidden_size), back in the processor's order

@@ -65,6 +65,86 @@ def rope_cos_sin(positions, head_dim, theta, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def mrope_cos_sin(position_ids, head_dim, theta, mrope_section, dtype):
+    """M-RoPE (Qwen2-VL): position_ids (3, ..., T) of (time, height, width); the first mrope_section[0]
+    rotary frequencies turn with time, the next mrope_section[1] with height, the rest with width
+    -> cos, sin (..., T, head_dim) for the half-split rotation, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (3, ..., T, hd/2)
+    freqs = torch.cat([part[i % 3] for i, part in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)  # (..., T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def grid_audio_counts(n_audio, n_grids, seconds_per_grid):
+    """Audio tokens after each temporal grid's video tokens (2+ input assembly): grid t gets the audio of its
+    own seconds, floor((t+1) s 2) - floor(t s 2) tokens at 2 tokens/s, and the last grid every token left,
+    the padding of the last 30 s chunk included. The floors are taken as the video's temporal positions are
+    (mrope_position_ids), so a grid's first audio token sits at the grid's own time; grids past the end of
+    a short audio get none."""
+    edges = (torch.arange(n_grids).view(-1, 1) * float(seconds_per_grid) * 2).long().flatten().clamp(max=n_audio).tolist()
+    return [b - a for a, b in zip(edges, edges[1:])] + [n_audio - edges[-1]]
+
+
+def av_placeholder_ids(tokens, grid_thw=None, second_per_grid=None, n_audio=None, merge=2):
+    """The token ids that stand for one video and/or audio in the 2+ prompt (qwenvl/data/dataset.py):
+    <|vision_start|>, then per temporal grid its h*w/4 video pads followed by its share of audio pads
+    (grid_audio_counts), then <|vision_end|>; an audio-only item is start, n_audio audio pads, end.
+    tokens: the special token ids from config.json."""
+    video, audio = tokens["video_token_id"], tokens["audio_token_id"]
+    body = [audio] * (n_audio or 0)
+    if grid_thw is not None:
+        t, h, w = (int(x) for x in grid_thw)
+        counts = grid_audio_counts(n_audio, t, second_per_grid) if n_audio else [0] * t
+        body = [x for n in counts for x in [video] * (h * w // merge ** 2) + [audio] * n]
+    return [tokens["vision_start_token_id"]] + body + [tokens["vision_end_token_id"]]
+
+
+def mrope_position_ids(input_ids, tokens, video_grid_thw=None, second_per_grid_ts=None, audio_lengths=None, merge=2):
+    """(3, T) position ids of one sequence, by the rule of the authors' 2+ training code (rope2d.py), for
+    text, audio-visual blocks (video and audio given), video-only blocks, or audio-only blocks:
+      text: one position for all three rows, counting on from the previous block's largest position + 1;
+      video grid t: (floor(t * s * 2), row, column) with s seconds per grid (2 units per second, the
+        config's tokens_per_second ignored as the authors' code does);
+      audio token k: (k, 0, k) inside an audio-visual block, (k, k, 0) in an audio-only block;
+      the text after the last block starts at that block's largest *time* position + 1.
+    All offset by the block's start. tokens: {"video_token_id", "audio_token_id"} from config.json."""
+    ids = torch.as_tensor(input_ids).tolist()
+    video, audio = tokens["video_token_id"], tokens["audio_token_id"]
+    av = video_grid_thw is not None and audio_lengths is not None
+    n_blocks = len(video_grid_thw) if video_grid_thw is not None else len(audio_lengths) if audio_lengths is not None else 0
+    pieces, st, nxt = [], 0, 0
+    for i in range(n_blocks):
+        ed = ids.index(video if video_grid_thw is not None else audio, st)  # the block's first pad token
+        pieces.append(torch.arange(ed - st).expand(3, -1) + nxt)  # the text before it (<|vision_start|> included)
+        start = nxt + ed - st
+        n_vid = n_aud = 0
+        if video_grid_thw is not None:
+            t, h, w = (int(x) for x in video_grid_thw[i])
+            h, w = h // merge, w // merge
+            s = 1.0 if second_per_grid_ts is None else float(second_per_grid_ts[i])
+            # float32 arithmetic and truncation, exactly as the authors' expression computes it
+            tt = (torch.arange(t).view(-1, 1).expand(-1, h * w) * s * 2).long().flatten()
+            hh = torch.arange(h).view(1, -1, 1).expand(t, -1, w).flatten()
+            ww = torch.arange(w).view(1, 1, -1).expand(t, h, -1).flatten()
+            vid_pos, n_vid = torch.stack([tt, hh, ww]) + start, t * h * w
+        if audio_lengths is not None:
+            k = torch.arange(int(audio_lengths[i]))
+            aud_pos = torch.stack([k, torch.zeros_like(k), k] if av else [k, k, torch.zeros_like(k)]) + start
+            n_aud = len(k)
+        block = torch.tensor(ids[ed:ed + n_vid + n_aud])
+        pos = torch.zeros(3, len(block), dtype=torch.long)
+        if n_vid:
+            pos[:, block == video] = vid_pos
+        if n_aud:
+            pos[:, block == audio] = aud_pos
+        pieces.append(pos)
+        st = ed + n_vid + n_aud
+        nxt = int(pos[0].max() if i == n_blocks - 1 and audio_lengths is not None else pos.max()) + 1
+    pieces.append(torch.arange(len(ids) - st).expand(3, -1) + nxt)
+    return torch.cat(pieces, dim=1)
+
+
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
