@@ -7,6 +7,8 @@ query path only), and is projected to the LLM width: 60 audio tokens per segment
 sinusoidal embedding of the segment index is added to every token of the segment (paper Eq. 1-3).
 Parameter names equal the released checkpoint's keys (speech_Qformer.bert..., speech_query_tokens,
 ln_speech, speech_llama_proj, final_linear), so loading is renaming by prefix.
+
+WhisperQFormer is video-SALMONN 2+'s audio branch: the same Q-Former body built into the Whisper encoder.
 """
 import math
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from encoders import WhisperEncoder
 
 
 @dataclass
@@ -146,3 +149,66 @@ class AudioAligner(nn.Module):
         # not learned, added after the projection: it tells the LLM which 30 s segment a token is in
         x = x + segment_positions(S, x.size(-1)).to(x.device, x.dtype)[:, None, :]
         return x.reshape(-1, x.size(-1))  # (S*n*Q, D)
+
+
+# -----------------------------------------------------------------------------
+# video-SALMONN 2+: the Q-Former inside the Whisper encoder (qwenvl/model/modeling_whisper.py)
+#
+# Parameter names are the released 2+ checkpoints' below `audio.`: Whisper's own (conv1, conv2, embed_positions,
+# layers.N, layer_norm), then qformer.bert.* (the same BERT body as above), q_tokens and audio_proj. Against
+# the 2+ model above there is no ln_speech (the windows read Whisper's final layer_norm output), no
+# final_linear and no segment position embedding: a token's time is carried by M-RoPE instead.
+
+
+def qformer_plus_config(audio_config, llm_dim=None):
+    """A QFormerConfig from a 2+ config.json's audio_config (its qformer_config holds the BERT sizes; the
+    released checkpoints are a "larger" Q-Former than v1's, so every size is read, never assumed)."""
+    q = audio_config.get("qformer_config") or {}
+    width = audio_config.get("d_model", 1280)
+    frames = audio_config.get("max_source_positions", 1500)
+    # the authors' kernel and stride, round(1500 * seconds / 30): 1500 is every Whisper's frames per 30 s
+    window = round(frames * audio_config.get("second_per_window", 0.5) / 30.0)
+    stride = round(frames * audio_config.get("second_stride", 0.5) / 30.0)
+    if stride != window or q.get("cross_attention_freq", 1) != 1 or q.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"unsupported 2+ audio config: window {window}, stride {stride}, "
+                         f"cross_attention_freq {q.get('cross_attention_freq')}, hidden_act {q.get('hidden_act')}")
+    return QFormerConfig(encoder_width=q.get("encoder_width", width), hidden=q.get("hidden_size", 3072),
+                         heads=q.get("num_attention_heads", 12), intermediate=q.get("intermediate_size", 12288),
+                         layers=q.get("num_hidden_layers", 2), num_query=q.get("query_length", 1), window=window,
+                         frames_per_segment=frames, llm_dim=llm_dim or q.get("out_hidden_size", 3584),
+                         dropout=q.get("hidden_dropout_prob", 0.1), final_linear=False,
+                         ln_eps=q.get("layer_norm_eps", 1e-12))
+
+
+class WhisperQFormer(WhisperEncoder):
+    """audio.* of video-SALMONN 2+: log-mel of S 30 s chunks (S, n_mels, 3000) -> Whisper (frozen) ->
+    windows of 0.5 s -> one learned query each through the BERT Q-Former -> audio_proj
+    -> (S, tokens_per_segment, llm_dim), 60 tokens per chunk with the released config."""
+
+    def __init__(self, whisper_cfg, cfg: QFormerConfig):
+        super().__init__(whisper_cfg)
+        assert cfg.encoder_width == whisper_cfg.d_model, f"Q-Former reads width {cfg.encoder_width}, Whisper gives {whisper_cfg.d_model}"
+        self.qcfg = cfg
+        self.qformer = nn.ModuleDict(dict(bert=QFormer(cfg)))
+        self.q_tokens = nn.Parameter(torch.zeros(1, cfg.num_query, cfg.hidden).normal_(std=0.02))
+        self.audio_proj = nn.Linear(cfg.hidden, cfg.llm_dim)
+        for m in list(self.qformer.modules()) + [self.audio_proj]:  # BERT's initialisation, as the authors' _init_weights
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def features(self, mel):
+        """The frozen, cacheable part: Whisper's output (S, 1500, d_model) after its final layer_norm."""
+        return super().forward(mel)
+
+    def tokens(self, feats):
+        """Whisper features (S, T, d_model) -> audio tokens (S, T // window * num_query, llm_dim)."""
+        S, T, C = feats.shape
+        w = self.qcfg.window
+        n = T // w  # the authors' F.unfold drops a trailing partial window
+        x = feats[:, :n * w].reshape(S * n, w, C)  # (S*n, w, C): with stride == kernel their unfold is this view
+        q = self.qformer.bert(self.q_tokens.expand(S * n, -1, -1), x)  # (S*n, Q, hidden)
+        return self.audio_proj(q).reshape(S, n * self.qcfg.num_query, -1)
+
+    def forward(self, mel):
+        return self.tokens(self.features(mel))
