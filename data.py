@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import zlib
@@ -517,3 +518,107 @@ def lacks_audio(path, min_audio):
 def held_out(key, fraction):
     """Whether an item goes to the validation split: a hash of its key, so the split does not depend on row order."""
     return zlib.crc32(key.encode()) % 10000 < fraction * 10000
+
+
+# -----------------------------------------------------------------------------
+# video-SALMONN 2+ (Qwen2.5-VL): frames at 10 fps, Qwen2-VL's smart resize, 2-frame patches (qwenvl/data/dataset.py)
+
+PLUS_INTERVAL = 0.1  # seconds between sampled frames (--interval 0.1: 10 fps)
+PLUS_MIN_FRAMES = 64  # train.sh (the authors' inference uses 16)
+PLUS_MAX_FRAMES = 768
+PLUS_MAX_PIXELS = 61250  # per frame, scaled up when a video yields fewer than PLUS_MAX_FRAMES frames
+PLUS_MIN_PIXELS = 784  # 28 x 28
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, Qwen2-VL's processor's
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VideoPlus:
+    pixel_values_videos: torch.Tensor  # (t*h*w, 3 * 2 * 14 * 14) float32 patches in the processor's order
+    video_grid_thw: torch.Tensor  # (3,) temporal grids, patch rows, patch columns
+    second_per_grid_ts: float  # seconds per temporal grid: 2 / effective fps
+    duration: float
+
+
+def plus_frame_indices(n_frames, duration, interval=PLUS_INTERVAL, min_frames=PLUS_MIN_FRAMES, max_frames=PLUS_MAX_FRAMES):
+    """round(duration / interval) frames, kept within [min_frames, max_frames], spread evenly from the first
+    frame to the last (repeats dropped), as the authors' torchcodec path samples them."""
+    target = min(max(round(duration / interval), min_frames), max_frames)
+    return np.unique(np.linspace(0, n_frames - 1, target, dtype=int))
+
+
+def smart_resize(height, width, factor=28, min_pixels=PLUS_MIN_PIXELS, max_pixels=PLUS_MAX_PIXELS):
+    """Qwen2-VL's: both sides multiples of factor, the area within [min_pixels, max_pixels], the aspect ratio
+    kept as closely as that allows."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} over 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def plus_pixel_values(frames, min_pixels=PLUS_MIN_PIXELS, max_pixels=PLUS_MAX_PIXELS, patch=14, merge=2, temporal=2):
+    """uint8 RGB frames (F, 3, H, W) -> (pixel_values (t*h*w, 3*temporal*patch^2) float32, grid_thw (3,)),
+    as Qwen2-VL's video processor makes them: bicubic antialiased resize to the smart size (on uint8, as
+    torchvision does on the CPU), the last frame repeated to an even count, CLIP normalisation, then each
+    2-frame 14 x 14 patch flattened (channel, time, row, column), patches ordered 2 x 2 merge block by block."""
+    F_, C, H, W = frames.shape
+    h, w = smart_resize(H, W, patch * merge, min_pixels, max_pixels)
+    if (h, w) != (H, W):
+        frames = torch.nn.functional.interpolate(frames, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    if F_ % temporal:
+        frames = torch.cat([frames, frames[-1:].expand(temporal - F_ % temporal, -1, -1, -1)])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (CLIP_MEAN, CLIP_STD))
+    x = (frames.float() - mean) / std  # rescale by 1/255 and normalise in one step, as the processor fuses them
+    t, gh, gw = x.size(0) // temporal, h // patch, w // patch
+    x = x.view(t, temporal, C, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/m, gw/m, m, m, C, temporal, patch, patch)
+    return x.reshape(t * gh * gw, C * temporal * patch * patch), torch.tensor([t, gh, gw])
+
+
+def load_video_plus(path, interval=PLUS_INTERVAL, min_frames=PLUS_MIN_FRAMES, max_frames=PLUS_MAX_FRAMES,
+                    min_pixels=PLUS_MIN_PIXELS, max_pixels=PLUS_MAX_PIXELS):
+    """A video's 2+ visual input. Fewer frames than max_frames buy more pixels per frame (max_pixels times
+    0.95 * max_frames / n, the authors' rule). Raises MediaError for a file that cannot be used."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = float(stream.average_rate or 0)
+            counted = stream.frames
+            duration = float(stream.duration * stream.time_base if stream.duration else (container.duration or 0) / av.time_base)
+            if not rate or not (counted or duration):
+                raise MediaError(f"{path}: unknown frame rate or duration")
+            n_frames = counted or round(duration * rate)
+            duration = n_frames / rate  # the authors' video length: frames / average fps
+            wanted, picked, count = plus_frame_indices(n_frames, duration, interval, min_frames, max_frames).tolist(), [], 0
+            for count, frame in enumerate(container.decode(stream), 1):
+                if len(picked) < len(wanted) and wanted[len(picked)] == count - 1:
+                    picked.append(frame.to_ndarray(format="rgb24"))
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise _media_error(path, e) from e
+    if count == 0 or count < counted - rate:  # as load_frames: over a second of counted frames missing
+        raise MediaError(f"{path}: only {count} of {n_frames} frames decode (truncated?)")
+    picked += [picked[-1]] * (len(wanted) - len(picked))  # metadata promising a few frames more than decode
+    frames = torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8
+    n = len(wanted)
+    if n < max_frames:
+        max_pixels = 0.95 * max_frames / n * max_pixels
+    pixels, grid = plus_pixel_values(frames, min_pixels, max_pixels)
+    return VideoPlus(pixels, grid, 2 / (n / duration), duration)
+
+
+def load_audio_plus(path, n_mels=128):
+    """A file's 2+ audio input: 16 kHz mono, zero-padded to at least 1 s but never trimmed to the video (as
+    the authors' process_audio), log-mel per 30 s chunk (S, n_mels, 3000); None if it has no audio stream."""
+    audio = load_audio(path)
+    if audio is None:
+        return None
+    return segment_log_mels(np.pad(audio, (0, max(0, SAMPLE_RATE - len(audio)))), n_mels)
