@@ -16,12 +16,13 @@ import os
 from dataclasses import fields
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 
 from config import UserError
-from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
+from encoders import Qwen25VisionConfig, SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
 from model import AVConfig, Qwen2, Qwen2Config
-from qformer import AudioAligner, QFormerConfig
+from qformer import AudioAligner, QFormerConfig, qformer_plus_config
 
 # google/siglip-so400m-patch14-384, whose config the original LLaVA-OneVision layout does not carry
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -333,3 +334,82 @@ def save_hf_qwen2(state, cfg, tok, path, dtype, max_shard_bytes=None):
     for name, obj in files.items():
         with open(os.path.join(path, name), "w") as f:
             json.dump(obj, f, indent=1)
+
+
+# -----------------------------------------------------------------------------
+# video-SALMONN 2+: the authors' full layout (model.* = the LLM, lm_head, visual.*, audio.*), the Qwen2.5-VL base
+
+# (checkpoint key prefix, our prefix), most specific first; transformers >= 4.52 nests the LLM and the ViT
+PLUS_PREFIXES = [("model.language_model.", "llm."), ("model.visual.", "visual."), ("visual.", "visual."),
+                 ("audio.", "audio."), ("lm_head.", "llm.lm_head."), ("model.", "llm.")]
+# persistent buffers the authors' save_pretrained writes that are no parameters of ours
+PLUS_BUFFERS = ("audio.qformer.bert.embeddings.position_ids",)
+
+
+def plus_to_ours(key):
+    return next((new + key[len(old):] for old, new in PLUS_PREFIXES if key.startswith(old)), None)
+
+
+def plus_config_from_hf(raw, audio_token_id=None):
+    """A PlusConfig from a 2+ (or Qwen2.5-VL) config.json: the LLM's fields flat (transformers 4.x, the
+    authors' releases) or under text_config, M-RoPE sections under rope_scaling or rope_parameters."""
+    from model_plus import TOKEN_FIELDS, PlusConfig
+    text = raw.get("text_config") or raw
+    llm = make_config(Qwen2Config, {**text, "tie_word_embeddings": raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))})
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or raw.get("rope_scaling") or {}
+    vision = make_config(Qwen25VisionConfig, raw["vision_config"])
+    audio = raw.get("audio_config") or {}
+    whisper = make_config(WhisperConfig, {**WHISPER_LARGE_V3, **audio})
+    tokens = {k: raw[k] for k in TOKEN_FIELDS if k in raw}
+    if audio_token_id is not None:
+        tokens["audio_token_id"] = audio_token_id
+    return PlusConfig(llm, vision, whisper, qformer_plus_config(audio, llm.hidden_size), tuple(rope.get("mrope_section", (16, 24, 24))), tokens)
+
+
+def load_video_salmonn2_plus(cls, path, dtype=None, device="cpu"):
+    raw = read_config(path)
+    cfg = plus_config_from_hf(raw) if "video_salmonn_2_plus" not in raw else __import__("model_plus").PlusConfig.from_dict(raw["video_salmonn_2_plus"])
+    with torch.device("meta"):
+        model = cls(cfg)
+
+    def rename(k):
+        if k in PLUS_BUFFERS or (k.startswith("lm_head.") and cfg.llm.tie_word_embeddings):
+            return None
+        return plus_to_ours(k)
+    load_into(model, path, rename, dtype, device)
+    return model.freeze_encoders()
+
+
+def load_plus_base(cls, qwen_vl_path, whisper_path, audio_config=None, dtype=None, device="cpu"):
+    """gen_audio_model.py: Qwen2.5-VL-Instruct (LLM, ViT) and Whisper's encoder into audio.*, a fresh Q-Former
+    and audio_proj (BERT's N(0, 0.02)), and <|audio_pad|> the next id after the tokenizer's last. audio_config
+    (window seconds, qformer_config) defaults to the authors' configuration_qwen2_5_vl.py."""
+    raw = read_config(qwen_vl_path)
+    audio_id = raw.get("audio_token_id")
+    if audio_id is None:
+        tok = os.path.join(qwen_vl_path, "tokenizer.json")
+        if not os.path.exists(tok):
+            raise FileNotFoundError(f"{qwen_vl_path}: no audio_token_id in config.json and no tokenizer.json to add <|audio_pad|> to")
+        from tokenizers import Tokenizer
+        audio_id = Tokenizer.from_file(tok).get_vocab_size(with_added_tokens=True)
+    whisper_raw = read_config(whisper_path)
+    audio = {**{k: whisper_raw[k] for k in WHISPER_LARGE_V3 if k in whisper_raw}, **(audio_config or {})}
+    cfg = plus_config_from_hf({**raw, "audio_config": audio}, audio_token_id=audio_id)
+    with torch.device("meta"):
+        model = cls(cfg)
+    rename = lambda k: None if k.startswith("lm_head.") and cfg.llm.tie_word_embeddings else plus_to_ours(k)
+    load_into(model, qwen_vl_path, rename, dtype, device, only=("llm.", "visual."))
+    keys = checkpoint_keys(whisper_path)
+    prefix = "model.encoder." if any(k.startswith("model.encoder.") for k in keys) else "encoder."
+    load_into(model, whisper_path, lambda k: "audio." + k[len(prefix):] if k.startswith(prefix) else None, dtype, device,
+              only=("audio.conv", "audio.embed_positions", "audio.layers.", "audio.layer_norm."))
+    a = model.audio  # its Q-Former, q_tokens and audio_proj are still on meta: materialise and initialise them
+    a.qformer.to_empty(device=device)
+    a.audio_proj.to_empty(device=device)
+    a.q_tokens = nn.Parameter(torch.empty(a.q_tokens.shape, device=device))
+    a.init_aligner()
+    if dtype is not None:
+        for m in (a.qformer, a.audio_proj):
+            m.to(dtype)
+        a.q_tokens.data = a.q_tokens.data.to(dtype)
+    return model.freeze_encoders()

@@ -190,12 +190,22 @@ class WhisperQFormer(WhisperEncoder):
         assert cfg.encoder_width == whisper_cfg.d_model, f"Q-Former reads width {cfg.encoder_width}, Whisper gives {whisper_cfg.d_model}"
         self.qcfg = cfg
         self.qformer = nn.ModuleDict(dict(bert=QFormer(cfg)))
-        self.q_tokens = nn.Parameter(torch.zeros(1, cfg.num_query, cfg.hidden).normal_(std=0.02))
+        self.q_tokens = nn.Parameter(torch.zeros(1, cfg.num_query, cfg.hidden))
         self.audio_proj = nn.Linear(cfg.hidden, cfg.llm_dim)
-        for m in list(self.qformer.modules()) + [self.audio_proj]:  # BERT's initialisation, as the authors' _init_weights
+        self.init_aligner()
+
+    @torch.no_grad()
+    def init_aligner(self):
+        """A fresh Q-Former, q_tokens and audio_proj, as the authors' _init_weights and gen_audio_model.py make
+        them: every Linear N(0, 0.02) with zero bias, LayerNorms one and zero, q_tokens N(0, 0.02)."""
+        for m in list(self.qformer.modules()) + [self.audio_proj]:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.q_tokens.normal_(std=0.02)
 
     def features(self, mel):
         """The frozen, cacheable part: Whisper's output (S, 1500, d_model) after its final layer_norm."""

@@ -1,0 +1,135 @@
+"""
+video-SALMONN 2+ in plain PyTorch (paper Appendix A): Qwen2.5-VL, the Qwen2 LLM with M-RoPE and the ViT of
+encoders.py, plus the Whisper encoder with the Q-Former inside (qformer.py), as the authors'
+video_SALMONN2_plus. Parameter names are the released checkpoints' (model.* -> llm.*, lm_head, visual.*,
+audio.*), so loading is renaming (checkpoint.py).
+
+The video's tokens and the audio's go where the prompt holds <|video_pad|> and <|audio_pad|> (per temporal
+grid, its video tokens then its seconds of audio: model.av_placeholder_ids), and every token gets the
+three M-RoPE positions of the authors' *training* rule (model.mrope_position_ids), at inference too: the
+authors' inference.py drops audio_lengths and second_per_grid_ts and so falls back to vision-only positions
+that the checkpoints were never trained with.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from encoders import Qwen25Vision, Qwen25VisionConfig, WhisperConfig
+from model import KVBuffer, Qwen2, Qwen2Config, mrope_cos_sin, mrope_position_ids
+from qformer import QFormerConfig, WhisperQFormer
+
+TOKEN_FIELDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id", "audio_token_id")
+
+
+@dataclass
+class PlusConfig:
+    llm: Qwen2Config
+    vision: Qwen25VisionConfig
+    whisper: WhisperConfig
+    qformer: QFormerConfig
+    mrope_section: tuple = (16, 24, 24)  # rotary frequencies turned by time, height, width (sums to head_dim / 2)
+    tokens: dict = field(default_factory=dict)  # the special token ids of config.json (TOKEN_FIELDS)
+
+    def to_dict(self):
+        return {"llm": vars(self.llm), "vision": {**vars(self.vision), "fullatt_block_indexes": list(self.vision.fullatt_block_indexes)},
+                "whisper": vars(self.whisper), "qformer": vars(self.qformer), "mrope_section": list(self.mrope_section),
+                "tokens": self.tokens}
+
+    @staticmethod
+    def from_dict(d):
+        return PlusConfig(Qwen2Config(**d["llm"]), Qwen25VisionConfig(**d["vision"]), WhisperConfig(**d["whisper"]),
+                          QFormerConfig(**d["qformer"]), tuple(d["mrope_section"]), d["tokens"])
+
+
+class VideoSALMONN2Plus(nn.Module):
+    """Frames -> Qwen2.5-VL ViT (frozen) -> merger; audio -> Whisper (frozen) -> Q-Former -> audio_proj; both
+    scattered into their placeholder tokens of the prompt; the Qwen2 LLM with M-RoPE on top."""
+
+    def __init__(self, cfg: PlusConfig):
+        super().__init__()
+        missing = [t for t in TOKEN_FIELDS if t not in cfg.tokens]
+        assert not missing, f"config without the special token ids {missing}"
+        self.cfg = cfg
+        self.llm = Qwen2(cfg.llm)
+        self.visual = Qwen25Vision(cfg.vision)
+        self.audio = WhisperQFormer(cfg.whisper, cfg.qformer)
+        self.freeze_encoders()
+
+    def freeze_encoders(self):
+        """The ViT blocks and Whisper never train (the released 2+ trains the merger, the Q-Former, q_tokens,
+        audio_proj and LoRA on the LLM)."""
+        for m in (self.visual.patch_embed, self.visual.blocks, self.audio.conv1, self.audio.conv2, self.audio.layers,
+                  self.audio.layer_norm):
+            m.requires_grad_(False)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """A 2+ checkpoint in the authors' full layout (tsinghua-ee's *_full releases, the audio-aligned
+        bases, and ours)."""
+        import checkpoint  # checkpoint.py builds the classes of this file: imported when called
+        return checkpoint.load_video_salmonn2_plus(cls, path, dtype, device)
+
+    @classmethod
+    def from_base(cls, qwen_vl_path, whisper_path, audio_config=None, dtype=None, device="cpu"):
+        """The starting point of 2+ audio alignment, as the authors' gen_audio_model.py builds it:
+        Qwen2.5-VL-Instruct, Whisper's encoder copied into audio.*, a fresh Q-Former (audio_config: its
+        window and qformer_config, the authors' defaults otherwise)."""
+        import checkpoint
+        return checkpoint.load_plus_base(cls, qwen_vl_path, whisper_path, audio_config, dtype, device)
+
+    def position_ids(self, input_ids, video_grid_thw=None, second_per_grid_ts=None, audio_lengths=None):
+        """(3, B, T) M-RoPE positions; each row's videos (one block each) take the next rows of
+        video_grid_thw, second_per_grid_ts and audio_lengths in order."""
+        rows, used = [], 0
+        start = self.cfg.tokens["vision_start_token_id"]
+        for ids in input_ids.tolist():
+            n = sum(1 for a, b in zip(ids, ids[1:]) if a == start and b in (self.cfg.tokens["video_token_id"], self.cfg.tokens["audio_token_id"]))
+            take = lambda x: None if x is None else x[used:used + n]
+            rows.append(mrope_position_ids(ids, self.cfg.tokens, take(video_grid_thw), take(second_per_grid_ts),
+                                           take(audio_lengths), self.cfg.vision.spatial_merge_size))
+            used += n
+        return torch.stack(rows, dim=1).to(input_ids.device)
+
+    def embed(self, input_ids, pixel_values_videos=None, video_grid_thw=None, audio_feature=None):
+        """Token embeddings (B, T, D) with the video and audio tokens put where their pads are."""
+        x = self.llm.embed_tokens(input_ids)
+        for feats, token in ((None if pixel_values_videos is None else self.visual(pixel_values_videos, video_grid_thw), "video_token_id"),
+                             (None if audio_feature is None else self.audio(audio_feature.to(x.dtype)).flatten(0, 1), "audio_token_id")):
+            if feats is None:
+                continue
+            where = input_ids == self.cfg.tokens[token]
+            if int(where.sum()) != feats.size(0):
+                raise ValueError(f"{int(where.sum())} {token} placeholders for {feats.size(0)} {token.split('_')[0]} tokens")
+            x = x.masked_scatter(where[..., None], feats.to(x.dtype))
+        return x
+
+    def hidden(self, embeds, position_ids, cache=None, use_cache=False):
+        """Final-normed hidden states (B, T, C) of embeddings at M-RoPE positions (3, B, T), after a cache."""
+        cfg = self.cfg.llm
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, self.cfg.mrope_section, embeds.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): one rotation for every head
+        T, P = embeds.size(1), (cache[0].len if isinstance(cache[0], KVBuffer) else cache[0][0].size(2)) if cache else 0
+        # SDPA's is_causal aligns to the top-left; after a prefix of P the diagonal sits P columns right
+        mask = torch.ones(T, P + T, dtype=torch.bool, device=embeds.device).tril(P) if P and T > 1 else None
+        x, new_cache = embeds, []
+        for i, block in enumerate(self.llm.layers):
+            if self.llm.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache[i] if cache else None, mask, use_reentrant=False)
+            else:
+                x, kv = block(x, cos, sin, cache[i] if cache else None, mask)
+            if use_cache:
+                new_cache.append(kv)
+        return self.llm.norm(x), (new_cache if use_cache else None)
+
+    def logits(self, input_ids, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+               audio_feature=None, audio_lengths=None):
+        """Logits (B, T, V) of a prompt as the authors' video_SALMONN2_plus.forward takes it: input_ids holding
+        the placeholders, pixel_values_videos / video_grid_thw / second_per_grid_ts of the processor,
+        audio_feature the log-mel chunks of every audio (S, n_mels, 3000), audio_lengths the audio tokens of
+        each (60 per chunk)."""
+        x = self.embed(input_ids, pixel_values_videos, video_grid_thw, audio_feature)
+        h, _ = self.hidden(x, self.position_ids(input_ids, video_grid_thw, second_per_grid_ts, audio_lengths))
+        return self.llm.head(h)

@@ -1,0 +1,152 @@
+"""video-SALMONN 2+ (model_plus.py) against transformers' Qwen2_5_VLForConditionalGeneration on video-only
+inputs, the base built as gen_audio_model.py does, the authors' full layout, and KV-cache decode with M-RoPE."""
+import json
+
+import pytest
+import torch
+import transformers as hf
+
+from model import av_placeholder_ids
+from model_plus import VideoSALMONN2Plus
+
+V = 300
+TOKENS = dict(vision_start_token_id=288, vision_end_token_id=289, video_token_id=290, image_token_id=291)
+AUDIO_ID = 292
+TEXT = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]))
+VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, window_size=56,
+              fullatt_block_indexes=[1], tokens_per_second=2)
+WHISPER = dict(num_mel_bins=8, d_model=48, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=50,
+               max_target_positions=20, vocab_size=50, pad_token_id=1, bos_token_id=1, eos_token_id=2,
+               decoder_start_token_id=1, suppress_tokens=[], begin_suppress_tokens=[])
+# a small Q-Former (the authors' default is 3072 wide), 5-frame windows: 10 audio tokens per 50-frame chunk
+AUDIO = dict(second_per_window=3.0, second_stride=3.0, qformer_config=dict(
+    hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=2, query_length=1))
+
+
+def randomise(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():  # biases zero and norms one at init: make every parameter matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.normal_(std=0.1).add_(1.0 if ("norm" in name or "ln_q" in name) and name.endswith("weight") else 0.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plus")
+    torch.manual_seed(0)
+    ref = hf.Qwen2_5_VLForConditionalGeneration(hf.Qwen2_5_VLConfig(text_config=TEXT, vision_config=VISION, **TOKENS)).eval()
+    randomise(ref, 0).save_pretrained(root / "qwen_vl")
+    raw = json.loads((root / "qwen_vl" / "config.json").read_text())
+    (root / "qwen_vl" / "config.json").write_text(json.dumps({**raw, "audio_token_id": 292}))
+    torch.manual_seed(1)
+    hf.WhisperForConditionalGeneration(hf.WhisperConfig(**WHISPER)).save_pretrained(root / "whisper")
+    return ref, root
+
+
+def video_prompt(grid, seconds, before=(5, 6, 7), after=(8, 9, 10, 11)):
+    return list(before) + av_placeholder_ids({**TOKENS, "audio_token_id": AUDIO_ID}, grid) + list(after)
+
+
+# grids whose video time positions stay below max(h, w) / 2, where transformers >= 5.3 agrees with the
+# authors' position rule for the text after the video (tests/test_mrope.py compares the rules themselves)
+@pytest.mark.parametrize("grids,seconds", [([(2, 4, 6)], [1.0]), ([(1, 6, 10)], [0.5]), ([(4, 8, 8), (2, 4, 6)], [0.4, 1.0])],
+                         ids=["two-grids", "one-frame-wide", "batch-of-two"])
+def test_video_logits_match_transformers(base_dirs, grids, seconds):
+    ref, root = base_dirs
+    ours = VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO).eval()
+    rows = [video_prompt(g, s) for g, s in zip(grids, seconds)]
+    grid_thw = torch.tensor(grids)
+    px = torch.randn(int(grid_thw.prod(-1).sum()), 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        for i, (row, g, s) in enumerate(zip(rows, grids, seconds)):  # transformers one video per row here
+            n = int(torch.tensor(g).prod())
+            off = int(grid_thw[:i].prod(-1).sum()) if i else 0
+            ids = torch.tensor([row])
+            mm = (ids == TOKENS["video_token_id"]).int() * 2
+            expected = ref(input_ids=ids, pixel_values_videos=px[off:off + n], video_grid_thw=torch.tensor([g]),
+                           second_per_grid_ts=torch.tensor([s]), mm_token_type_ids=mm).logits
+            got = ours.logits(input_ids=ids, pixel_values_videos=px[off:off + n], video_grid_thw=torch.tensor([g]),
+                              second_per_grid_ts=torch.tensor([s]))
+            assert got.shape == (1, len(row), V)
+            assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_base_is_gen_audio_model(base_dirs):
+    """gen_audio_model.py: Whisper's encoder weights in audio.*, a fresh Q-Former, <|audio_pad|> from config.json."""
+    _, root = base_dirs
+    ours = VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO)
+    whisper = hf.WhisperForConditionalGeneration.from_pretrained(root / "whisper").model.encoder.state_dict()
+    for k, v in whisper.items():
+        assert torch.equal(ours.audio.state_dict()[k], v), k
+    assert ours.cfg.tokens["audio_token_id"] == 292
+    assert abs(ours.audio.q_tokens.std().item() - 0.02) < 0.02 and not ours.audio.audio_proj.bias.any()
+    trainable = {n.split(".")[1] for n, p in ours.named_parameters() if p.requires_grad and n.startswith(("visual.", "audio."))}
+    assert trainable == {"merger", "qformer", "q_tokens", "audio_proj"}
+
+
+def authors_checkpoint(ours, path):
+    """A full 2+ checkpoint as the authors' save_pretrained writes it: flat LLM config (transformers 4.51),
+    audio_config with its qformer_config, the Q-Former's position_ids buffer."""
+    from checkpoint import save_safetensors
+    state = {("model." + k[4:] if not k.startswith("llm.lm_head") else k[4:]): v for k, v in ours.state_dict().items() if k.startswith("llm.")}
+    state.update({k: v for k, v in ours.state_dict().items() if k.startswith(("visual.", "audio."))})
+    state["audio.qformer.bert.embeddings.position_ids"] = torch.arange(512)[None]
+    save_safetensors(state, path)
+    c = ours.cfg
+    q = c.qformer
+    cfg = {**{k: v for k, v in vars(c.llm).items()}, "rope_scaling": {"type": "mrope", "mrope_section": list(c.mrope_section)},
+           "vision_config": {**vars(c.vision), "fullatt_block_indexes": list(c.vision.fullatt_block_indexes)},
+           "audio_config": {**vars(c.whisper), "second_per_window": 3.0, "second_stride": 3.0,
+                            "qformer_config": dict(hidden_size=q.hidden, num_attention_heads=q.heads, intermediate_size=q.intermediate,
+                                                   num_hidden_layers=q.layers, query_length=q.num_query, encoder_width=q.encoder_width,
+                                                   out_hidden_size=q.llm_dim)},
+           **c.tokens, "model_type": "qwen2_5_vl"}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_authors_layout_round_trip_with_audio(base_dirs, tmp_path):
+    """A full checkpoint in the authors' layout loads (buffers ignored by name) and gives the same logits on an
+    audio-visual prompt: 2 grids, 1 s each, one 30 s chunk of audio (10 tokens with this tiny Q-Former)."""
+    _, root = base_dirs
+    ours = VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO).eval()
+    randomise(ours.audio, 3)
+    with torch.no_grad():
+        for p in ours.audio.qformer.parameters():  # the windows' frames, not the query, dominate the tokens
+            p.normal_(std=0.3)
+        ours.audio.audio_proj.weight.normal_(std=1.0)  # audio tokens as large as text embeddings
+    authors_checkpoint(ours, tmp_path)
+    loaded = VideoSALMONN2Plus.from_pretrained(tmp_path).eval()
+    tokens = ours.cfg.tokens
+    n_audio = ours.cfg.qformer.tokens_per_segment
+    ids = torch.tensor([[5, 6] + av_placeholder_ids(tokens, (2, 4, 4), 1.0, n_audio) + [8, 9]])
+    kw = dict(pixel_values_videos=torch.randn(32, 1176), video_grid_thw=torch.tensor([[2, 4, 4]]),
+              second_per_grid_ts=torch.tensor([1.0]), audio_feature=torch.randn(1, 8, 100), audio_lengths=[n_audio])
+    with torch.no_grad():
+        a, b = ours.logits(input_ids=ids, **kw), loaded.logits(input_ids=ids, **kw)
+        silent = ours.logits(input_ids=ids, **{**kw, "audio_feature": torch.zeros(1, 8, 100)})
+    assert torch.equal(a, b)
+    assert (a - silent).abs().max() > 1e-3  # the audio reaches the logits
+
+
+def test_kv_cache_decode_equals_full_forward(base_dirs):
+    _, root = base_dirs
+    m = VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO).eval()
+    grid = (2, 4, 6)
+    ids = torch.tensor([video_prompt(grid, 1.0) + [12, 13, 14, 15]])
+    px = torch.randn(48, 1176)
+    with torch.no_grad():
+        x = m.embed(ids, px, torch.tensor([grid]))
+        pos = m.position_ids(ids, torch.tensor([grid]), [1.0])
+        full, _ = m.hidden(x, pos)
+        P = ids.size(1) - 4
+        h, cache = m.hidden(x[:, :P], pos[:, :, :P], use_cache=True)
+        steps = [h]
+        for t in range(P, ids.size(1)):
+            h, cache = m.hidden(x[:, t:t + 1], pos[:, :, t:t + 1], cache=cache, use_cache=True)
+            steps.append(h)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    assert pos[0, 0, P:].tolist() == list(range(int(pos[:, 0, :P].max()) + 1, int(pos[:, 0, :P].max()) + 5))
