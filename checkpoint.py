@@ -413,3 +413,52 @@ def load_plus_base(cls, qwen_vl_path, whisper_path, audio_config=None, dtype=Non
             m.to(dtype)
         a.q_tokens.data = a.q_tokens.data.to(dtype)
     return model.freeze_encoders()
+
+
+def load_plus_lora(cls, lora_path, base_path, dtype=None, device="cpu"):
+    """A LoRA-only 2+ release (PEFT's adapter_config.json and adapter_model.safetensors) on its audio-aligned
+    base: LoRA A/B on the LLM's projections, merged (W += alpha / r B A, as the authors' merge_and_unload),
+    and the modules_to_save (the merger, the Q-Former, audio_proj) replacing the base's."""
+    import lora
+    with open(os.path.join(lora_path, "adapter_config.json")) as f:
+        adapter = json.load(f)
+    model = load_video_salmonn2_plus(cls, base_path, dtype, device)
+    lora.apply_lora(model.llm, tuple(adapter.get("target_modules") or lora.TARGETS), adapter["r"], adapter["lora_alpha"], 0.0)
+    file = os.path.join(lora_path, "adapter_model.safetensors")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{lora_path}: no adapter_model.safetensors")
+    state, ours = {}, model.state_dict()
+    with safe_open(file, framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            k = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
+            name = plus_to_ours(k)
+            if name not in ours:
+                raise ValueError(f"{file}: {key} fits no parameter of {cls.__name__} (as {name})")
+            t = f.get_tensor(key)
+            state[name] = t.to(ours[name].dtype) if t.is_floating_point() else t
+    if not any(k.endswith(".lora_A") for k in state):
+        raise ValueError(f"{file}: no LoRA weights")
+    model.load_state_dict(state, strict=False)
+    lora.merge_lora(model)
+    return model.freeze_encoders()
+
+
+def plus_to_released(key):
+    """Our 2+ parameter name -> the authors' key (transformers 4.51 layout, which transformers 5 still writes)."""
+    if key.startswith("llm.lm_head."):
+        return key[len("llm."):]
+    return "model." + key[len("llm."):] if key.startswith("llm.") else key
+
+
+def save_video_salmonn2_plus(model, path, state=None, max_shard_bytes=None):
+    """config.json (the authors' fields, and our full config under video_salmonn_2_plus) and safetensors in the
+    authors' layout; state: our {name: tensor} when it is not model.state_dict() (gathered from FSDP shards)."""
+    state = model.state_dict() if state is None else state
+    save_safetensors({plus_to_released(k): v for k, v in state.items()}, path, max_shard_bytes)
+    c = model.cfg
+    config = {**vars(c.llm), "model_type": "qwen2_5_vl", "architectures": ["video_SALMONN2_plus"],
+              "rope_scaling": {"type": "mrope", "mrope_section": list(c.mrope_section)},
+              "vision_config": {**vars(c.vision), "fullatt_block_indexes": list(c.vision.fullatt_block_indexes)},
+              "audio_config": vars(c.whisper), **c.tokens, "video_salmonn_2_plus": c.to_dict()}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)

@@ -73,6 +73,12 @@ class VideoSALMONN2Plus(nn.Module):
         return checkpoint.load_video_salmonn2_plus(cls, path, dtype, device)
 
     @classmethod
+    def from_lora(cls, lora_path, base_path, dtype=None, device="cpu"):
+        """A LoRA-only 2+ release (PEFT adapter and modules_to_save) merged into its audio-aligned base."""
+        import checkpoint
+        return checkpoint.load_plus_lora(cls, lora_path, base_path, dtype, device)
+
+    @classmethod
     def from_base(cls, qwen_vl_path, whisper_path, audio_config=None, dtype=None, device="cpu"):
         """The starting point of 2+ audio alignment, as the authors' gen_audio_model.py builds it:
         Qwen2.5-VL-Instruct, Whisper's encoder copied into audio.*, a fresh Q-Former (audio_config: its
@@ -133,3 +139,8 @@ class VideoSALMONN2Plus(nn.Module):
         x = self.embed(input_ids, pixel_values_videos, video_grid_thw, audio_feature)
         h, _ = self.hidden(x, self.position_ids(input_ids, video_grid_thw, second_per_grid_ts, audio_lengths))
         return self.llm.head(h)
+
+    def save_pretrained(self, path, state=None, max_shard_bytes=None):
+        """The authors' full layout, loadable by from_pretrained (and by their code, the config aside)."""
+        import checkpoint
+        checkpoint.save_video_salmonn2_plus(self, path, state, max_shard_bytes)

@@ -150,3 +150,52 @@ def test_kv_cache_decode_equals_full_forward(base_dirs):
             steps.append(h)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
     assert pos[0, 0, P:].tolist() == list(range(int(pos[:, 0, :P].max()) + 1, int(pos[:, 0, :P].max()) + 5))
+
+
+def test_lora_release_on_its_base(base_dirs, tmp_path):
+    """A PEFT LoRA-only release (keys base_model.model.<authors' name>, modules_to_save stored under the
+    module's own name) equals the base with W += alpha / r * B A on q/k/v and the saved merger and Q-Former."""
+    import copy
+
+    from safetensors.torch import save_file
+    _, root = base_dirs
+    base = VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO).eval()
+    authors_checkpoint(base, tmp_path / "base")
+    torch.manual_seed(5)
+    r, alpha, adapter, expected = 4, 8, {}, copy.deepcopy(base)
+    with torch.no_grad():
+        for i, layer in enumerate(expected.llm.layers):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                lin = getattr(layer.self_attn, proj)
+                A, B = torch.randn(r, lin.in_features) * 0.1, torch.randn(lin.out_features, r) * 0.1
+                adapter[f"base_model.model.model.layers.{i}.self_attn.{proj}.lora_A.weight"] = A
+                adapter[f"base_model.model.model.layers.{i}.self_attn.{proj}.lora_B.weight"] = B
+                lin.weight += alpha / r * B @ A
+        for name, p in list(expected.visual.merger.named_parameters()) + list(expected.audio.audio_proj.named_parameters()):
+            p.normal_(std=0.1)
+        for name, p in expected.visual.merger.named_parameters():
+            adapter[f"base_model.model.visual.merger.{name}"] = p.clone()
+        for name, p in expected.audio.audio_proj.named_parameters():
+            adapter[f"base_model.model.audio.audio_proj.{name}"] = p.clone()
+    (tmp_path / "lora").mkdir()
+    save_file(adapter, tmp_path / "lora" / "adapter_model.safetensors")
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(dict(
+        r=r, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj"], peft_type="LORA",
+        modules_to_save=["visual.merger", "audio.qformer", "audio.q_tokens", "audio.audio_proj"])))
+    loaded = VideoSALMONN2Plus.from_lora(tmp_path / "lora", tmp_path / "base").eval()
+    ids = torch.tensor([video_prompt((2, 4, 6), 1.0)])
+    kw = dict(pixel_values_videos=torch.randn(48, 1176), video_grid_thw=torch.tensor([[2, 4, 6]]), second_per_grid_ts=[1.0])
+    with torch.no_grad():
+        got, want, before = loaded.logits(input_ids=ids, **kw), expected.logits(input_ids=ids, **kw), base.logits(input_ids=ids, **kw)
+    assert (got - want).abs().max().item() <= 1e-4 and (got - before).abs().max().item() > 1e-2
+
+
+def test_save_pretrained_round_trip(base_dirs, tmp_path):
+    _, root = base_dirs
+    m = randomise(VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO).eval(), 7)
+    m.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    loaded = VideoSALMONN2Plus.from_pretrained(tmp_path)
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.cfg == m.cfg
