@@ -462,3 +462,22 @@ def save_video_salmonn2_plus(model, path, state=None, max_shard_bytes=None):
               "audio_config": vars(c.whisper), **c.tokens, "video_salmonn_2_plus": c.to_dict()}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
+
+
+def save_hf_qwen25vl(state, cfg, path, dtype=torch.bfloat16, tok=None, max_shard_bytes=None):
+    """The 2+ LLM and ViT ({"llm.*", "visual.*": tensor}) as a Hugging Face Qwen2_5_VLForConditionalGeneration
+    directory, for visual-only serving tools (they never see the audio branch, nor the training positions of
+    audio-visual prompts): the official Qwen2.5-VL config.json fields, flat, which transformers 4.5x and 5
+    both read, and the tokenizer when given."""
+    save_safetensors({plus_to_released(k): v.to(dtype) for k, v in state.items() if k.startswith(("llm.", "visual."))},
+                     path, max_shard_bytes)
+    hf = {**vars(cfg.llm), "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+          "hidden_act": "silu", "max_position_embeddings": 128000, "use_sliding_window": False, "attention_dropout": 0.0,
+          "rope_scaling": {"type": "mrope", "mrope_section": list(cfg.mrope_section)},
+          "vision_config": {**vars(cfg.vision), "fullatt_block_indexes": list(cfg.vision.fullatt_block_indexes),
+                            "hidden_act": "silu", "tokens_per_second": 2, "model_type": "qwen2_5_vl"},
+          **{k: v for k, v in cfg.tokens.items() if k != "audio_token_id"}, "torch_dtype": str(dtype).split(".")[-1]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)
+    if tok is not None:
+        tok.save(os.path.join(path, "tokenizer.json"))

@@ -199,3 +199,20 @@ def test_save_pretrained_round_trip(base_dirs, tmp_path):
     for k, v in m.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert loaded.cfg == m.cfg
+
+
+def test_export_as_hf_qwen25vl(base_dirs, tmp_path):
+    """The LLM and ViT written in the Qwen2.5-VL layout load in transformers and give our video-only logits."""
+    from checkpoint import save_hf_qwen25vl
+    ref, root = base_dirs
+    m = randomise(VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO).eval(), 9)
+    save_hf_qwen25vl(m.state_dict(), m.cfg, tmp_path, dtype=torch.float32)
+    hf_model = hf.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    grid = (2, 4, 6)
+    ids = torch.tensor([video_prompt(grid, 1.0)])
+    px = torch.randn(48, 1176)
+    with torch.no_grad():
+        theirs = hf_model(input_ids=ids, pixel_values_videos=px, video_grid_thw=torch.tensor([grid]),
+                          second_per_grid_ts=torch.tensor([1.0]), mm_token_type_ids=(ids == TOKENS["video_token_id"]).int() * 2).logits
+        ours = m.logits(input_ids=ids, pixel_values_videos=px, video_grid_thw=torch.tensor([grid]), second_per_grid_ts=[1.0])
+    assert (theirs - ours).abs().max().item() <= 1e-4
