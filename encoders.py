@@ -336,6 +336,11 @@ class Qwen25Vision(nn.Module):
         return torch.cat(order), lengths
 
     def forward(self, pixel_values, grid_thw):
+        return self.merger(self.features(pixel_values, grid_thw))
+
+    def features(self, pixel_values, grid_thw):
+        """The frozen part (patch embedding and blocks) -> (N, hidden_size) in the processor's patch order: what
+        the merger, which trains, reads, and so what a feature cache keeps."""
         cfg, unit = self.cfg, self.cfg.spatial_merge_size ** 2
         x = F.linear(pixel_values.to(self.merger.ln_q.weight.dtype), self.patch_embed.proj.weight.flatten(1))  # (N, C): the Conv3d, kernel = stride = patch
         N, C = x.shape
@@ -351,4 +356,5 @@ class Qwen25Vision(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, lengths, use_reentrant=False)
             else:
                 x = block(x, cos, sin, lengths)
-        return self.merger(x)[torch.argsort(order).to(x.device)]  # (N / 4, out_hidden_size), back in the processor's order
+        # back in the processor's order; the merger reads each merge block alone, so it may come before or after
+        return x.view(N // unit, unit, C)[torch.argsort(order).to(x.device)].view(N, C)

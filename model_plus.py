@@ -10,6 +10,8 @@ three M-RoPE positions of the authors' *training* rule (model.mrope_position_ids
 authors' inference.py drops audio_lengths and second_per_grid_ts and so falls back to vision-only positions
 that the checkpoints were never trained with.
 """
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import Qwen25Vision, Qwen25VisionConfig, WhisperConfig
-from model import KVBuffer, Qwen2, Qwen2Config, mrope_cos_sin, mrope_position_ids
+from model import KVBuffer, Qwen2, Qwen2Config, av_placeholder_ids, mrope_cos_sin, mrope_position_ids
 from qformer import QFormerConfig, WhisperQFormer
 
 TOKEN_FIELDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id", "audio_token_id")
@@ -139,6 +141,82 @@ class VideoSALMONN2Plus(nn.Module):
         x = self.embed(input_ids, pixel_values_videos, video_grid_thw, audio_feature)
         h, _ = self.hidden(x, self.position_ids(input_ids, video_grid_thw, second_per_grid_ts, audio_lengths))
         return self.llm.head(h)
+
+    # -- training and sampling on cached encoder features. An item's features are (vis, grid_thw,
+    # second_per_grid, aud): the ViT blocks' output (N, hidden) in the processor's order, its grid (3,) and
+    # seconds per temporal grid, and Whisper's output (S, 1500, d_model); vis or aud None for an item without.
+
+    @torch.no_grad()
+    def encoder_fingerprint(self):
+        """A digest of the frozen encoders' configs and weights, for the feature-cache key."""
+        h = hashlib.sha256(json.dumps([self.cfg.to_dict()["vision"], vars(self.cfg.whisper)], sort_keys=True).encode())
+        frozen = [p for n, p in self.named_parameters() if n.startswith(("visual.", "audio.")) and not p.requires_grad]
+        h.update(torch.stack([s for p in frozen for s in (p.float().sum(), p.float().square().sum())]).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
+    def encode(self, pixel_values, grid_thw, mel):
+        """The frozen, cacheable part: ViT features (N, hidden) (None without a video), Whisper's (S, T, Ca)
+        (None without audio)."""
+        p = self.visual.merger.ln_q.weight
+        vis = None if pixel_values is None else self.visual.features(pixel_values.to(p.device, p.dtype), grid_thw.view(1, 3))
+        return vis, None if mel is None else self.audio.features(mel.to(p.device, p.dtype))
+
+    def block(self, feats):
+        """An item's audio-visual block: its placeholder ids and the (video, audio) tokens that fill them."""
+        vis, grid, seconds, aud = feats
+        vid = None if vis is None else self.visual.merger(vis)  # (N / 4, D)
+        audio = None if aud is None else self.audio.tokens(aud).flatten(0, 1)  # (S * 60, D)
+        ids = av_placeholder_ids(self.cfg.tokens, grid, seconds, None if audio is None else audio.size(0),
+                                 self.cfg.vision.spatial_merge_size)
+        return ids, vid, audio
+
+    def embed_sequence(self, feats, prompt_ids, response_ids):
+        """One sequence, the prompt's (before, after) ids around the block, then the response:
+        (embeds (1, L, D), positions (3, 1, L), prefix length P)."""
+        ids, vid, audio = self.block(feats)
+        ids = list(prompt_ids[0]) + ids + list(prompt_ids[1]) + list(response_ids)
+        t = torch.tensor([ids], device=self.llm.embed_tokens.weight.device)
+        x = self.llm.embed_tokens(t)
+        for tokens, name in ((vid, "video_token_id"), (audio, "audio_token_id")):
+            if tokens is not None:
+                x = x.masked_scatter((t == self.cfg.tokens[name])[..., None], tokens.to(x.dtype))
+        _, grid, seconds, _ = feats
+        pos = mrope_position_ids(ids, self.cfg.tokens, None if vid is None else [grid], None if vid is None else [seconds],
+                                 None if audio is None else [audio.size(0)], self.cfg.vision.spatial_merge_size)
+        return x, pos[:, None].to(t.device), len(ids) - len(response_ids)
+
+    def forward(self, batch):
+        """Training: batch = [(features, (before, after) prompt ids, response ids)] -> (summed response NLL,
+        token count), through forward so that FSDP gathers the root's parameters once per step."""
+        return self.response_nll([(*self.embed_sequence(f, p, r), r) for f, p, r in batch])
+
+    def response_nll(self, seqs):
+        """Summed NLL of the responses and their token count, for (embeds (1, L, D), positions (3, 1, L), P,
+        response ids) right-padded into one forward (causal, so the padding is inert)."""
+        L = max(e.size(1) for e, _, _, _ in seqs)
+        x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _, _ in seqs])  # (B, L, D)
+        pos = torch.cat([F.pad(p, (0, L - p.size(-1))) for _, p, _, _ in seqs], dim=1)  # (3, B, L)
+        h, _ = self.hidden(x, pos)
+        rows = torch.cat([h[i, P - 1:P - 1 + len(r)] for i, (_, _, P, r) in enumerate(seqs)])  # (sum R, D)
+        targets = torch.tensor([t for *_, r in seqs for t in r], device=x.device)
+        return F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum"), targets.numel()
+
+    def continuation_logps(self, feats, prompt_ids, continuations):
+        """Summed log-probability of each continuation (N token lists) after one item's prompt, and their
+        lengths: the prefix runs once and the N continuations as one batch over its KV cache; a continuation's
+        text positions count on from the prompt's last, as in training."""
+        prefix, pos, _ = self.embed_sequence(feats, prompt_ids, [])
+        h, cache = self.hidden(prefix, pos, use_cache=True)
+        N, L = len(continuations), max(len(c) for c in continuations)
+        ids = torch.tensor([c + [0] * (L - len(c)) for c in continuations], device=prefix.device)  # (N, L)
+        cpos = (pos[:, :, -1:] + 1 + torch.arange(L, device=prefix.device)).expand(3, N, L)
+        hc, _ = self.hidden(self.llm.embed_tokens(ids).to(prefix.dtype), cpos, cache=cache)  # (N, L, D)
+        hs = torch.cat([h[:, -1:].expand(N, 1, -1), hc[:, :-1]], dim=1)  # the state before each token
+        lengths = torch.tensor([len(c) for c in continuations], device=ids.device)
+        real = torch.arange(L, device=ids.device)[None] < lengths[:, None]
+        nll = F.cross_entropy(self.llm.head(hs[real]).float(), ids[real], reduction="none")
+        return -torch.zeros(N, device=ids.device).index_add(0, real.nonzero()[:, 0], nll), lengths
 
     def save_pretrained(self, path, state=None, max_shard_bytes=None):
         """The authors' full layout, loadable by from_pretrained (and by their code, the config aside)."""

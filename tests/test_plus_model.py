@@ -216,3 +216,32 @@ def test_export_as_hf_qwen25vl(base_dirs, tmp_path):
                           second_per_grid_ts=torch.tensor([1.0]), mm_token_type_ids=(ids == TOKENS["video_token_id"]).int() * 2).logits
         ours = m.logits(input_ids=ids, pixel_values_videos=px, video_grid_thw=torch.tensor([grid]), second_per_grid_ts=[1.0])
     assert (theirs - ours).abs().max().item() <= 1e-4
+
+
+def test_training_sequences_equal_logits(base_dirs):
+    """The training path on cached features (encode, then block, embed_sequence, response_nll,
+    continuation_logps) equals the public logits() on the same audio-visual prompt."""
+    _, root = base_dirs
+    m = randomise(VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO).eval(), 11)
+    grid, px, mel = torch.tensor([2, 4, 6]), torch.randn(48, 1176), torch.randn(2, 8, 100)
+    with torch.no_grad():
+        vis, aud = m.encode(px, grid, mel)
+        feats = (vis, grid, 0.5, aud)
+        before, after, response = [5, 6], [7, 8], [20, 21, 22]
+        block, _, _ = m.block(feats)
+        ids = torch.tensor([before + block + after + response])
+        logits = m.logits(input_ids=ids, pixel_values_videos=px, video_grid_thw=grid[None], second_per_grid_ts=[0.5],
+                          audio_feature=mel, audio_lengths=[20])
+        logp = torch.log_softmax(logits[0], -1)
+        P = ids.size(1) - 3
+        expected = -sum(logp[P - 1 + j, t] for j, t in enumerate(response))
+        nll, n = m([(feats, (before, after), response)])
+        assert n == 3 and abs(nll.item() - expected.item()) < 1e-4
+        other = [20, 30]
+        lps, lengths = m.continuation_logps(feats, (before, after), [response, other])
+        ids2 = torch.tensor([before + block + after + other])
+        logp2 = torch.log_softmax(m.logits(input_ids=ids2, pixel_values_videos=px, video_grid_thw=grid[None],
+                                           second_per_grid_ts=[0.5], audio_feature=mel, audio_lengths=[20])[0], -1)
+        assert lengths.tolist() == [3, 2]
+        assert abs(lps[0].item() + expected.item()) < 1e-4
+        assert abs(lps[1].item() - sum(logp2[P - 1 + j, t] for j, t in enumerate(other)).item()) < 1e-4
