@@ -622,3 +622,18 @@ def load_audio_plus(path, n_mels=128):
     if audio is None:
         return None
     return segment_log_mels(np.pad(audio, (0, max(0, SAMPLE_RATE - len(audio)))), n_mels)
+
+
+def encode_prompt_plus(tok, prompt, system=SYSTEM):
+    """Token ids before and after the audio-visual block of the 2+ chat prompt, as the authors' template
+    renders a "<video>\\nPROMPT" (or "<audio>\\n...") turn:
+        <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n[block]\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n
+    (one newline after the block, unlike v1's two)."""
+    ids = lambda text: tok.encode(text, add_special_tokens=False).ids
+    return ids(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"), ids(f"\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def encode_response_plus(tok, text):
+    """The labelled part of a 2+ sequence: the answer, <|im_end|> and the newline after it (the authors mask the
+    system and user turns and the assistant turn's first three tokens, <|im_start|>assistant\\n, only)."""
+    return tok.encode(f"{text}<|im_end|>\n", add_special_tokens=False).ids

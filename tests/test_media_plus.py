@@ -161,3 +161,22 @@ def test_short_audio_is_padded_to_one_second(tmp_path):
     write_clip(clip, 0.4)
     mel = load_audio_plus(clip)
     assert mel.shape == (1, 128, 3000)
+
+
+def test_chat_format_plus(tmp_path):
+    """before + block + after + response tokenizes as the authors' whole rendered conversation does, and the
+    labels are what their target mask keeps: the assistant turn less <|im_start|>assistant\n (3 tokens with
+    Qwen's tokenizer, more with this toy one)."""
+    from conftest import make_tokenizer
+    from data import encode_prompt_plus, encode_response_plus
+    tok = make_tokenizer()
+    tok.add_special_tokens(["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|audio_pad|>"])
+    block = "<|vision_start|>" + "<|video_pad|>" * 4 + "<|audio_pad|>" * 2 + "<|vision_end|>"
+    before, after = encode_prompt_plus(tok, "Describe the video in detail.")
+    response = encode_response_plus(tok, "A red circle appears.")
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    user = f"<|im_start|>user\n{block}\nDescribe the video in detail.<|im_end|>\n"
+    assistant = "<|im_start|>assistant\nA red circle appears.<|im_end|>\n"
+    ids = lambda s: tok.encode(s, add_special_tokens=False).ids
+    assert before + ids(block) + after + response == ids(system) + ids(user) + ids(assistant)
+    assert response == ids(assistant)[len(ids("<|im_start|>assistant\n")):]
