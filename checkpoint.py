@@ -323,7 +323,8 @@ def save_hf_qwen2(state, cfg, tok, path, dtype, max_shard_bytes=None):
     save_safetensors({ours_to_released(k): v for k, v in state.items() if k.startswith("llm.")}, path, max_shard_bytes)
     tok.save(os.path.join(path, "tokenizer.json"))
     im_end = tok.token_to_id("<|im_end|>")
-    hf = {**vars(cfg), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+    hf = {**{k: v for k, v in vars(cfg).items() if k != "mrope_section"}, "architectures": ["Qwen2ForCausalLM"],
+          "model_type": "qwen2", "hidden_act": "silu",
           "max_position_embeddings": MAX_POSITIONS, "attention_dropout": 0.0, "use_sliding_window": False,
           "bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": im_end, "torch_dtype": str(dtype).split(".")[-1]}
     files = {"config.json": hf,
@@ -355,15 +356,16 @@ def plus_config_from_hf(raw, audio_token_id=None):
     authors' releases) or under text_config, M-RoPE sections under rope_scaling or rope_parameters."""
     from model_plus import TOKEN_FIELDS, PlusConfig
     text = raw.get("text_config") or raw
-    llm = make_config(Qwen2Config, {**text, "tie_word_embeddings": raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))})
     rope = text.get("rope_scaling") or text.get("rope_parameters") or raw.get("rope_scaling") or {}
+    llm = make_config(Qwen2Config, {**text, "tie_word_embeddings": raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
+                                    "mrope_section": tuple(rope.get("mrope_section", (16, 24, 24)))})
     vision = make_config(Qwen25VisionConfig, raw["vision_config"])
     audio = raw.get("audio_config") or {}
     whisper = make_config(WhisperConfig, {**WHISPER_LARGE_V3, **audio})
     tokens = {k: raw[k] for k in TOKEN_FIELDS if k in raw}
     if audio_token_id is not None:
         tokens["audio_token_id"] = audio_token_id
-    return PlusConfig(llm, vision, whisper, qformer_plus_config(audio, llm.hidden_size), tuple(rope.get("mrope_section", (16, 24, 24))), tokens)
+    return PlusConfig(llm, vision, whisper, qformer_plus_config(audio, llm.hidden_size), tokens)
 
 
 def load_video_salmonn2_plus(cls, path, dtype=None, device="cpu"):
@@ -457,7 +459,7 @@ def save_video_salmonn2_plus(model, path, state=None, max_shard_bytes=None):
     save_safetensors({plus_to_released(k): v for k, v in state.items()}, path, max_shard_bytes)
     c = model.cfg
     config = {**vars(c.llm), "model_type": "qwen2_5_vl", "architectures": ["video_SALMONN2_plus"],
-              "rope_scaling": {"type": "mrope", "mrope_section": list(c.mrope_section)},
+              "rope_scaling": {"type": "mrope", "mrope_section": list(c.llm.mrope_section)},
               "vision_config": {**vars(c.vision), "fullatt_block_indexes": list(c.vision.fullatt_block_indexes)},
               "audio_config": vars(c.whisper), **c.tokens, "video_salmonn_2_plus": c.to_dict()}
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -473,7 +475,7 @@ def save_hf_qwen25vl(state, cfg, path, dtype=torch.bfloat16, tok=None, max_shard
                      path, max_shard_bytes)
     hf = {**vars(cfg.llm), "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
           "hidden_act": "silu", "max_position_embeddings": 128000, "use_sliding_window": False, "attention_dropout": 0.0,
-          "rope_scaling": {"type": "mrope", "mrope_section": list(cfg.mrope_section)},
+          "rope_scaling": {"type": "mrope", "mrope_section": list(cfg.llm.mrope_section)},
           "vision_config": {**vars(cfg.vision), "fullatt_block_indexes": list(cfg.vision.fullatt_block_indexes),
                             "hidden_act": "silu", "tokens_per_second": 2, "model_type": "qwen2_5_vl"},
           **{k: v for k, v in cfg.tokens.items() if k != "audio_token_id"}, "torch_dtype": str(dtype).split(".")[-1]}

@@ -38,6 +38,7 @@ class Qwen2Config:  # field names and defaults are those of transformers' Qwen2C
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
+    mrope_section: tuple = ()  # Qwen2.5-VL's M-RoPE (16, 24, 24): rotary frequencies per time, height, width; () plain RoPE
 
     @property
     def head_dim(self):
@@ -245,12 +246,17 @@ class Qwen2(nn.Module):
     def head(self, h):
         return F.linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
-    def hidden(self, embeds, cache=None, start_pos=None, use_cache=False):
-        """Final-normed hidden states (B, T, C) of input embeddings; positions continue the cache."""
+    def hidden(self, embeds, cache=None, start_pos=None, use_cache=False, position_ids=None):
+        """Final-normed hidden states (B, T, C) of input embeddings; positions continue the cache, or are
+        position_ids (3, B, T) of M-RoPE (time, height, width)."""
         T, P = embeds.size(1), (cache[0].len if isinstance(cache[0], KVBuffer) else cache[0][0].size(2)) if cache else 0
-        start_pos = P if start_pos is None else start_pos
-        pos = torch.arange(start_pos, start_pos + T, device=embeds.device)
-        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        if position_ids is None:
+            start_pos = P if start_pos is None else start_pos
+            pos = torch.arange(start_pos, start_pos + T, device=embeds.device)
+            cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        else:
+            cos, sin = mrope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, embeds.dtype)
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): one rotation for every head
         # SDPA's is_causal aligns to the top-left; after a prefix of P the diagonal sits P columns right
         mask = torch.ones(T, P + T, dtype=torch.bool, device=embeds.device).tril(P) if P and T > 1 else None
         x, new_cache = embeds, []
@@ -263,18 +269,20 @@ class Qwen2(nn.Module):
                 new_cache.append(kv)
         return self.norm(x), (new_cache if use_cache else None)
 
-    def forward(self, idx=None, embeds=None, cache=None, start_pos=None, use_cache=False):
+    def forward(self, idx=None, embeds=None, cache=None, start_pos=None, use_cache=False, position_ids=None):
         embeds = self.embed_tokens(idx) if embeds is None else embeds
-        h, new_cache = self.hidden(embeds, cache, start_pos, use_cache)
+        h, new_cache = self.hidden(embeds, cache, start_pos, use_cache, position_ids)
         return self.head(h), new_cache
 
     @torch.no_grad()
     def generate(self, embeds, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, greedy=False,
-                 stop_ids=(), generator=None, return_logprobs=False):
+                 stop_ids=(), generator=None, return_logprobs=False, position_ids=None):
         """Sample n continuations of one prompt (embeds (1, T, C)) sharing one prefill.
         Returns a list of n token lists (each ends at its first stop id, kept) and, when asked,
-        each token's log-probability under the untempered model (n lists of floats)."""
-        h, cache = self.hidden(embeds, use_cache=True)
+        each token's log-probability under the untempered model (n lists of floats).
+        position_ids: the prompt's M-RoPE positions (3, 1, T); new tokens are text, counting on from the last."""
+        h, cache = self.hidden(embeds, use_cache=True, position_ids=position_ids)
+        shift = 0 if position_ids is None else int(position_ids[0, 0, -1]) + 1 - embeds.size(1)  # position - cache slot
         cache = [KVBuffer(k, v, n, max_new_tokens) for k, v in cache]
         logits = self.head(h[:, -1]).expand(n, -1)  # (n, V): all n rows start from the one prefill
         out = torch.zeros(n, 0, dtype=torch.long, device=embeds.device)
@@ -288,7 +296,7 @@ class Qwen2(nn.Module):
             done |= torch.isin(tok, stop)
             if done.all() or out.size(1) == max_new_tokens:
                 break
-            logits, cache = self(tok[:, None], cache=cache, use_cache=True)
+            logits, cache = self(tok[:, None], cache=cache, start_pos=cache[0].len + shift, use_cache=True)
             logits = logits[:, -1]  # (n, V)
         seqs, lps = [], []
         for row, lp in zip(out.tolist(), logps.tolist()):

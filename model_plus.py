@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import Qwen25Vision, Qwen25VisionConfig, WhisperConfig
-from model import KVBuffer, Qwen2, Qwen2Config, av_placeholder_ids, mrope_cos_sin, mrope_position_ids
+from model import Qwen2, Qwen2Config, av_placeholder_ids, mrope_position_ids
 from qformer import QFormerConfig, WhisperQFormer
 
 TOKEN_FIELDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id", "audio_token_id")
@@ -31,18 +31,17 @@ class PlusConfig:
     vision: Qwen25VisionConfig
     whisper: WhisperConfig
     qformer: QFormerConfig
-    mrope_section: tuple = (16, 24, 24)  # rotary frequencies turned by time, height, width (sums to head_dim / 2)
     tokens: dict = field(default_factory=dict)  # the special token ids of config.json (TOKEN_FIELDS)
 
     def to_dict(self):
         return {"llm": vars(self.llm), "vision": {**vars(self.vision), "fullatt_block_indexes": list(self.vision.fullatt_block_indexes)},
-                "whisper": vars(self.whisper), "qformer": vars(self.qformer), "mrope_section": list(self.mrope_section),
-                "tokens": self.tokens}
+                "whisper": vars(self.whisper), "qformer": vars(self.qformer), "tokens": self.tokens}
 
     @staticmethod
     def from_dict(d):
-        return PlusConfig(Qwen2Config(**d["llm"]), Qwen25VisionConfig(**d["vision"]), WhisperConfig(**d["whisper"]),
-                          QFormerConfig(**d["qformer"]), tuple(d["mrope_section"]), d["tokens"])
+        llm = Qwen2Config(**{**d["llm"], "mrope_section": tuple(d["llm"]["mrope_section"])})
+        return PlusConfig(llm, Qwen25VisionConfig(**d["vision"]), WhisperConfig(**d["whisper"]), QFormerConfig(**d["qformer"]),
+                          d["tokens"])
 
 
 class VideoSALMONN2Plus(nn.Module):
@@ -116,21 +115,7 @@ class VideoSALMONN2Plus(nn.Module):
 
     def hidden(self, embeds, position_ids, cache=None, use_cache=False):
         """Final-normed hidden states (B, T, C) of embeddings at M-RoPE positions (3, B, T), after a cache."""
-        cfg = self.cfg.llm
-        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, self.cfg.mrope_section, embeds.dtype)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): one rotation for every head
-        T, P = embeds.size(1), (cache[0].len if isinstance(cache[0], KVBuffer) else cache[0][0].size(2)) if cache else 0
-        # SDPA's is_causal aligns to the top-left; after a prefix of P the diagonal sits P columns right
-        mask = torch.ones(T, P + T, dtype=torch.bool, device=embeds.device).tril(P) if P and T > 1 else None
-        x, new_cache = embeds, []
-        for i, block in enumerate(self.llm.layers):
-            if self.llm.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, kv = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache[i] if cache else None, mask, use_reentrant=False)
-            else:
-                x, kv = block(x, cos, sin, cache[i] if cache else None, mask)
-            if use_cache:
-                new_cache.append(kv)
-        return self.llm.norm(x), (new_cache if use_cache else None)
+        return self.llm.hidden(embeds, cache, use_cache=use_cache, position_ids=position_ids)
 
     def logits(self, input_ids, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
                audio_feature=None, audio_lengths=None):
@@ -217,6 +202,22 @@ class VideoSALMONN2Plus(nn.Module):
         real = torch.arange(L, device=ids.device)[None] < lengths[:, None]
         nll = F.cross_entropy(self.llm.head(hs[real]).float(), ids[real], reduction="none")
         return -torch.zeros(N, device=ids.device).index_add(0, real.nonzero()[:, 0], nll), lengths
+
+    @torch.no_grad()
+    def sample(self, feats, prompt_ids, n=1, **generate_kw):
+        """n answers to one item's prompt from its cached features; generate_kw as Qwen2.generate. The prompt
+        is prefilled at the training positions and the new tokens count on as text."""
+        dt = self.llm.embed_tokens.weight.dtype  # cached features may be fp32 where the model runs in bf16
+        vis, aud, times, duration = feats
+        feats = (None if vis is None else vis.to(dt), None if aud is None else aud.to(dt), times, duration)
+        embeds, pos, _ = self.embed_sequence(feats, prompt_ids, [])
+        return self.llm.generate(embeds, n=n, position_ids=pos, **generate_kw)
+
+    @torch.no_grad()
+    def generate(self, examples, n=1, generators=None, **generate_kw):
+        """n samples for each of many items: examples are (features, prompt ids) as sample takes them."""
+        generators = generators or [None] * len(examples)
+        return [self.sample(feats, prompt_ids, n=n, generator=g, **generate_kw) for (feats, prompt_ids), g in zip(examples, generators)]
 
     def save_pretrained(self, path, state=None, max_shard_bytes=None):
         """The authors' full layout, loadable by from_pretrained (and by their code, the config aside)."""

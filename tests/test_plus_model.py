@@ -98,7 +98,7 @@ def authors_checkpoint(ours, path):
     save_safetensors(state, path)
     c = ours.cfg
     q = c.qformer
-    cfg = {**{k: v for k, v in vars(c.llm).items()}, "rope_scaling": {"type": "mrope", "mrope_section": list(c.mrope_section)},
+    cfg = {**{k: v for k, v in vars(c.llm).items()}, "rope_scaling": {"type": "mrope", "mrope_section": list(c.llm.mrope_section)},
            "vision_config": {**vars(c.vision), "fullatt_block_indexes": list(c.vision.fullatt_block_indexes)},
            "audio_config": {**vars(c.whisper), "second_per_window": 3.0, "second_stride": 3.0,
                             "qformer_config": dict(hidden_size=q.hidden, num_attention_heads=q.heads, intermediate_size=q.intermediate,
