@@ -1,19 +1,20 @@
 """
-Caption a video with video-SALMONN 2.
+Caption a video with video-SALMONN 2 or 2+.
 
 $ python caption.py --ckpt=DIR --video=FILE [--prompt="..."] [--greedy] [--audio=FILE.wav]
+$ python caption.py --ckpt=DIR --video=FILE --fps=10 --max_frames=768      # a 2+ model, as released
 
 DIR is a checkpoint in the released layout (config.json, model.safetensors, tokenizer.json), e.g. the
-released tsinghua-ee/video-SALMONN-2 or one written by our training scripts. A video that cannot be
+released tsinghua-ee/video-SALMONN-2, a 2+ release, or one written by our training scripts; its config.json
+says which family it is. A video that cannot be
 read, a checkpoint or tokenizer.json that is missing or cut short, prints one line naming it and exits
 with status 2, before the model is loaded where it can.
 """
 import torch
 
-from checkpoint import av_config_from_hf, read_config, trained_prompt
+from checkpoint import load_model, model_config, trained_prompt
 from config import UserError, configure, run
-from data import encode_prompt, load_tokenizer, load_video
-from model import VideoSALMONN2
+from data import chat_format, load_media, load_tokenizer
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # checkpoint directory
@@ -25,8 +26,8 @@ greedy = False  # argmax decoding, as the released evaluation; else nucleus samp
 temperature = 1.0  # sampling temperature
 top_p = 0.9  # nucleus mass, as the released MrDPO sampling
 max_new_tokens = 1024  # caption length limit, as released
-fps = 1.0  # frames per second sampled
-max_frames = 110  # a longer video gives this many frames spread over its length
+fps = 1.0  # frames per second sampled (2+: 10)
+max_frames = 110  # a longer video gives this many frames spread over its length (2+: 768)
 seed = 2024  # sampling seed
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -37,16 +38,15 @@ def main(argv):
     configure(globals(), argv)
     if not ckpt or not video:
         raise UserError("usage: python caption.py --ckpt=DIR --video=FILE [--prompt=...] [--greedy] (--help: all settings)")
-    cfg = av_config_from_hf(read_config(ckpt))
+    prep = model_config(ckpt)[1].media_prep(fps, max_frames)  # the family's preprocessing, from config.json
     # the video and the tokenizer before the model, so a bad file fails in a second, not after loading 16 GB
-    media = load_video(video, fps, max_frames, cfg.vision.image_size, cfg.whisper.num_mel_bins,
-                       cfg.segment_seconds, audio or None)
+    media = load_media(video, audio or None, prep)
     tok = load_tokenizer(tokenizer or ckpt)
-    model = VideoSALMONN2.from_pretrained(ckpt, getattr(torch, dtype), device).eval()
-    frames, mel = (t.to(device, getattr(torch, dtype)) for t in (media.frames, media.mel))
+    model = load_model(ckpt, getattr(torch, dtype), device).eval()
+    frames, mel = (None if t is None else t.to(device, getattr(torch, dtype)) for t in (media.frames, media.mel))
     feats = (*model.encode(frames, mel), media.times, media.duration)
     g = torch.Generator(device).manual_seed(seed)
-    ids = model.sample(feats, encode_prompt(tok, prompt or trained_prompt(ckpt)), max_new_tokens=max_new_tokens,
+    ids = model.sample(feats, chat_format(prep)[0](tok, prompt or trained_prompt(ckpt)), max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, greedy=greedy, stop_ids=(tok.token_to_id("<|im_end|>"),),
                        generator=g)[0]
     print(tok.decode(ids, skip_special_tokens=True))

@@ -369,8 +369,7 @@ def plus_config_from_hf(raw, audio_token_id=None):
 
 
 def load_video_salmonn2_plus(cls, path, dtype=None, device="cpu"):
-    raw = read_config(path)
-    cfg = plus_config_from_hf(raw) if "video_salmonn_2_plus" not in raw else __import__("model_plus").PlusConfig.from_dict(raw["video_salmonn_2_plus"])
+    _, cfg = model_config(path)
     with torch.device("meta"):
         model = cls(cfg)
 
@@ -483,3 +482,28 @@ def save_hf_qwen25vl(state, cfg, path, dtype=torch.bfloat16, tok=None, max_shard
         json.dump(hf, f, indent=1)
     if tok is not None:
         tok.save(os.path.join(path, "tokenizer.json"))
+
+
+# -----------------------------------------------------------------------------
+# either family, chosen by the checkpoint
+
+
+def is_plus(raw):
+    """Whether a config.json is a 2+ (Qwen2.5-VL) model: ours, the authors', or a Qwen2.5-VL base."""
+    return "video_salmonn_2_plus" in raw or raw.get("model_type") == "qwen2_5_vl" or "audio_config" in raw
+
+
+def model_config(path):
+    """(model class, config) of a checkpoint dir of either family, without loading weights."""
+    from model import VideoSALMONN2
+    from model_plus import PlusConfig, VideoSALMONN2Plus
+    raw = read_config(path)
+    if not is_plus(raw):
+        return VideoSALMONN2, av_config_from_hf(raw)
+    return VideoSALMONN2Plus, PlusConfig.from_dict(raw["video_salmonn_2_plus"]) if "video_salmonn_2_plus" in raw else plus_config_from_hf(raw)
+
+
+def load_model(path, dtype=None, device="cpu"):
+    """A video-SALMONN 2 or 2+ checkpoint dir (ours or released), its family read from config.json."""
+    cls, _ = model_config(path)
+    return cls.from_pretrained(path, dtype, device)

@@ -217,14 +217,14 @@ def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None
         if os.path.exists(file):
             with safe_open(file, framework="pt") as f:
                 meta, names = f.metadata(), set(f.keys())
-                vis = f.get_tensor("vision") if "vision" in names else None  # audio-only items have none
-                return vis, f.get_tensor("audio"), json.loads(meta["times"]), float(meta["duration"])
-    media = load_video(path, audio_path=audio_path, **prep)
+                vis, aud = (f.get_tensor(k) if k in names else None for k in ("vision", "audio"))  # an item may lack either
+                return vis, aud, json.loads(meta["times"]), float(meta["duration"])
+    media = load_media(path, audio_path, prep)
     vis, aud = (t if t is None else t.cpu().contiguous() for t in encode(media.frames, media.mel))
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{file}.{os.getpid()}.tmp"  # written whole, then renamed: a crash never leaves half a file
-        tensors = {"audio": aud} if vis is None else {"vision": vis, "audio": aud}
+        tensors = {k: t for k, t in (("vision", vis), ("audio", aud)) if t is not None}
         save_file(tensors, tmp, metadata={"times": json.dumps(media.times), "duration": str(media.duration)})
         os.replace(tmp, file)
     return vis, aud, media.times, media.duration
@@ -239,8 +239,7 @@ class Features:
                  use_audio=True, responses=True):
         cfg = model.cfg
         self.model, self.cache_dir, self.use_audio = model, cache_dir, use_audio
-        self.prep = dict(fps=fps, max_frames=max_frames, image_size=cfg.vision.image_size,
-                         n_mels=cfg.whisper.num_mel_bins, segment_seconds=cfg.segment_seconds)
+        self.prep = cfg.media_prep(fps, max_frames)
         self.fingerprint = model.encoder_fingerprint()
         bad = set()
         for i in range(rank, len(items), world):  # check, and warm the cache: each rank its share
@@ -259,8 +258,8 @@ class Features:
             bad = set().union(*gathered)
         self.skipped = len(bad)
         self.items = [it for i, it in enumerate(items) if i not in bad]
-        self.ids = [(encode_prompt(tok, it["prompt"]), encode_response(tok, it["response"]) if responses else None)
-                    for it in self.items]
+        prompt, response = chat_format(self.prep)
+        self.ids = [(prompt(tok, it["prompt"]), response(tok, it["response"]) if responses else None) for it in self.items]
 
     def features(self, item):
         if not (item.get("video") or item.get("audio")):
@@ -617,11 +616,12 @@ def load_video_plus(path, interval=PLUS_INTERVAL, min_frames=PLUS_MIN_FRAMES, ma
 
 def load_audio_plus(path, n_mels=128):
     """A file's 2+ audio input: 16 kHz mono, zero-padded to at least 1 s but never trimmed to the video (as
-    the authors' process_audio), log-mel per 30 s chunk (S, n_mels, 3000); None if it has no audio stream."""
+    the authors' process_audio), log-mel per 30 s chunk -> ((S, n_mels, 3000), seconds); None without an audio stream."""
     audio = load_audio(path)
     if audio is None:
         return None
-    return segment_log_mels(np.pad(audio, (0, max(0, SAMPLE_RATE - len(audio)))), n_mels)
+    audio = np.pad(audio, (0, max(0, SAMPLE_RATE - len(audio))))
+    return segment_log_mels(audio, n_mels), len(audio) / SAMPLE_RATE
 
 
 def encode_prompt_plus(tok, prompt, system=SYSTEM):
@@ -637,3 +637,35 @@ def encode_response_plus(tok, text):
     """The labelled part of a 2+ sequence: the answer, <|im_end|> and the newline after it (the authors mask the
     system and user turns and the assistant turn's first three tokens, <|im_start|>assistant\\n, only)."""
     return tok.encode(f"{text}<|im_end|>\n", add_special_tokens=False).ids
+
+
+def chat_format(prep):
+    """(prompt encoder, response encoder) of the model family whose media settings are prep."""
+    return (encode_prompt_plus, encode_response_plus) if prep.get("plus") else (encode_prompt, encode_response)
+
+
+def load_media_plus(path, audio_path=None, interval=PLUS_INTERVAL, min_frames=PLUS_MIN_FRAMES, max_frames=PLUS_MAX_FRAMES,
+                    max_pixels=PLUS_MAX_PIXELS, min_pixels=PLUS_MIN_PIXELS, n_mels=128):
+    """A 2+ item as a Media: frames are the patches (t, h, w, patch_dim), the patch grid in their shape, times each
+    temporal grid's start, mel the audio of audio_path or the video (None without an audio stream: the item goes
+    without audio, as the authors' code does). With no video (path None) frames is None."""
+    if path is None:
+        audio = load_audio_plus(str(audio_path), n_mels)
+        if audio is None:
+            raise MediaError(f"{audio_path}: no audio stream")
+        return Media(None, [], audio[0], audio[1], True)
+    v = load_video_plus(path, interval, min_frames, max_frames, min_pixels, max_pixels)
+    t, h, w = v.video_grid_thw.tolist()
+    audio = load_audio_plus(str(audio_path or path), n_mels)
+    mel = None if audio is None else audio[0]
+    if mel is None and str(audio_path or path) not in _warned_silent:
+        _warned_silent.add(str(audio_path or path))
+        log.warning("%s: no audio stream, the video goes without audio", audio_path or path)
+    return Media(v.pixel_values_videos.view(t, h, w, -1), [i * v.second_per_grid_ts for i in range(t)], mel, v.duration, mel is not None)
+
+
+def load_media(path, audio_path, prep):
+    """An item's media as its model family prepares them (prep: the model config's media_prep)."""
+    if prep.get("plus"):
+        return load_media_plus(path, audio_path, **{k: v for k, v in prep.items() if k != "plus"})
+    return load_video(path, audio_path=audio_path, **prep)

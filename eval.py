@@ -23,11 +23,10 @@ from functools import lru_cache
 
 import torch
 
-from checkpoint import read_config, trained_prompt
+from checkpoint import load_model as load_checkpoint, read_config, trained_prompt
 from config import UserError, configure, run
 from data import Features, decode_response, load_tokenizer, merge_results, read_manifest, read_records
 from judge import SEED, JudgeError, LLMClient, LLMJudge, ToyJudge, each, median_of_runs, rates
-from model import VideoSALMONN2
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # checkpoint directory (released layout)
@@ -384,7 +383,7 @@ def load_model(c):
         raise UserError(f"--{'task=' + c['task'] if c['task'] else 'stage=' + c['stage']} needs --ckpt=DIR")
     read_config(c["ckpt"])
     tok = load_tokenizer(c["tokenizer"] or c["ckpt"])
-    return VideoSALMONN2.from_pretrained(c["ckpt"], getattr(torch, c["dtype"]), c["device"]).eval(), tok
+    return load_checkpoint(c["ckpt"], getattr(torch, c["dtype"]), c["device"]).eval(), tok
 
 
 def run_task(c):

@@ -1,11 +1,13 @@
 """
-Export a trained video-SALMONN 2 for serving:
-- out/: the whole model, LoRA merged into the backbone (paper Eq. 8), in the released video-SALMONN 2
-  layout (config.json, safetensors shards with their index, tokenizer.json), which
-  VideoSALMONN2.from_pretrained, caption.py and eval.py load;
-- out/qwen2/: the LLM alone in the Hugging Face Qwen2ForCausalLM layout (config.json, generation_config.json,
-  safetensors shards, tokenizer.json and tokenizer_config.json with the chat template), so tools that serve
-  Qwen2 (transformers, vLLM, ...) load it; they see text only, the audio-visual front end stays here.
+Export a trained video-SALMONN 2 or 2+ for serving:
+- out/: the whole model, LoRA merged into the backbone (paper Eq. 8), in the released layout of its family
+  (config.json, safetensors shards with their index, tokenizer.json), which checkpoint.load_model,
+  caption.py and eval.py load;
+- video-SALMONN 2: out/qwen2/, the LLM alone in the Hugging Face Qwen2ForCausalLM layout (config.json,
+  generation_config.json, safetensors shards, tokenizer.json and tokenizer_config.json with the chat template),
+  so tools that serve Qwen2 (transformers, vLLM, ...) load it; they see text only;
+- 2+: out/qwen2_5_vl/, the LLM and the ViT in the Hugging Face Qwen2.5-VL layout, for visual-only serving tools
+  (the audio branch and the audio-visual training positions stay here).
 
 $ python export.py --ckpt=out/sft/ckpt --out=out/export     # a stage's training checkpoint: its init_from + trained weights
 $ python export.py --ckpt=out/sft/final --out=out/export    # any model dir in the released layout (a stage's final, MrDPO's final)
@@ -17,10 +19,9 @@ import shutil
 import torch
 
 import lora
-from checkpoint import save_hf_qwen2
+from checkpoint import load_model, save_hf_qwen2, save_hf_qwen25vl
 from config import UserError, configure, run
 from data import load_tokenizer
-from model import VideoSALMONN2
 from training import build_model, load_weights
 
 # -----------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def load(path, tokenizer=""):
     meta = os.path.join(path, "meta.json")
     if not os.path.exists(meta):
         tok = load_tokenizer(tokenizer or path)  # before the model: a missing tokenizer.json fails in a second
-        return VideoSALMONN2.from_pretrained(path), tok
+        return load_model(path), tok
     try:
         with open(meta) as f:
             c = json.load(f)["config"]
@@ -61,11 +62,15 @@ def export(c):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state, shard_bytes)
     tok.save(os.path.join(tmp, "tokenizer.json"))
-    qwen = os.path.join(tmp, "qwen2")
-    save_hf_qwen2(state, model.cfg.llm, tok, qwen, dt, shard_bytes)
+    if hasattr(model, "visual"):  # 2+
+        hf = os.path.join(tmp, "qwen2_5_vl")
+        save_hf_qwen25vl(state, model.cfg, hf, dt, tok, shard_bytes)
+    else:
+        hf = os.path.join(tmp, "qwen2")
+        save_hf_qwen2(state, model.cfg.llm, tok, hf, dt, shard_bytes)
     shutil.rmtree(c["out"], ignore_errors=True)
     os.replace(tmp, c["out"])
-    print(f"exported {c['ckpt']} -> {c['out']} (released layout) and {qwen.replace(tmp, c['out'])} (Qwen2ForCausalLM)")
+    print(f"exported {c['ckpt']} -> {c['out']} (released layout) and {hf.replace(tmp, c['out'])} (Hugging Face)")
     return c["out"]
 
 

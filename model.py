@@ -345,6 +345,11 @@ class AVConfig:
     def audio_tokens_per_second(self):  # 60 tokens / 30 s = 2
         return self.qformer.tokens_per_segment / self.segment_seconds
 
+    def media_prep(self, fps, max_frames):
+        """The settings of data.load_media for this model (they key the feature cache too)."""
+        return dict(fps=fps, max_frames=max_frames, image_size=self.vision.image_size, n_mels=self.whisper.num_mel_bins,
+                    segment_seconds=self.segment_seconds)
+
     def to_dict(self):
         return {"llm": vars(self.llm), "vision": vars(self.vision), "whisper": vars(self.whisper),
                 "qformer": vars(self.qformer), "pool": self.pool, "segment_seconds": self.segment_seconds,
@@ -538,9 +543,13 @@ class VideoSALMONN2(nn.Module):
         import checkpoint
         return checkpoint.load_base(cls, llava_path, whisper_path, qformer_cfg, dtype, device)
 
+    def encoder_parameters(self):
+        """The frozen encoders (paper 3.2: they never train); FSDP leaves them whole on every rank."""
+        return list(self.tower.parameters()) + list(self.speech_encoder.parameters())
+
     def freeze_encoders(self):
-        for frozen in (self.tower, self.speech_encoder):  # paper 3.2: the encoders never train
-            frozen.requires_grad_(False)
+        for p in self.encoder_parameters():
+            p.requires_grad_(False)
         return self
 
     def save_pretrained(self, path, state=None, max_shard_bytes=None):

@@ -19,10 +19,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import Qwen25Vision, Qwen25VisionConfig, WhisperConfig
-from model import Qwen2, Qwen2Config, av_placeholder_ids, mrope_position_ids
+from model import Qwen2, Qwen2Config, VideoSALMONN2, av_placeholder_ids, mrope_position_ids
 from qformer import QFormerConfig, WhisperQFormer
 
 TOKEN_FIELDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id", "audio_token_id")
+TOKEN_TEXT = dict(vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>",
+                  video_token_id="<|video_pad|>", audio_token_id="<|audio_pad|>")
+
+
+def plus_tokens(tok):
+    """The special token ids of a tokenizer (tokenizers.Tokenizer), adding those it lacks after its last id:
+    Qwen2.5-VL's tokenizer lacks <|audio_pad|>, which gen_audio_model.py adds so."""
+    missing = [t for t in TOKEN_TEXT.values() if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens(missing)
+    return {k: tok.token_to_id(t) for k, t in TOKEN_TEXT.items()}
 
 
 @dataclass
@@ -32,16 +43,27 @@ class PlusConfig:
     whisper: WhisperConfig
     qformer: QFormerConfig
     tokens: dict = field(default_factory=dict)  # the special token ids of config.json (TOKEN_FIELDS)
+    # the frame budget the released models were trained with (scripts/train.sh, README): fps and max_frames are
+    # the stage settings (10 and 768 for 2+)
+    min_frames: int = 64
+    max_pixels: int = 61250
+    min_pixels: int = 784
+
+    def media_prep(self, fps, max_frames):
+        """The settings of data.load_media for this model (they key the feature cache too)."""
+        return dict(plus=True, interval=1.0 / fps, min_frames=self.min_frames, max_frames=max_frames,
+                    max_pixels=self.max_pixels, min_pixels=self.min_pixels, n_mels=self.whisper.num_mel_bins)
 
     def to_dict(self):
         return {"llm": vars(self.llm), "vision": {**vars(self.vision), "fullatt_block_indexes": list(self.vision.fullatt_block_indexes)},
-                "whisper": vars(self.whisper), "qformer": vars(self.qformer), "tokens": self.tokens}
+                "whisper": vars(self.whisper), "qformer": vars(self.qformer), "tokens": self.tokens,
+                "min_frames": self.min_frames, "max_pixels": self.max_pixels, "min_pixels": self.min_pixels}
 
     @staticmethod
     def from_dict(d):
         llm = Qwen2Config(**{**d["llm"], "mrope_section": tuple(d["llm"]["mrope_section"])})
         return PlusConfig(llm, Qwen25VisionConfig(**d["vision"]), WhisperConfig(**d["whisper"]), QFormerConfig(**d["qformer"]),
-                          d["tokens"])
+                          d["tokens"], **{k: d[k] for k in ("min_frames", "max_pixels", "min_pixels") if k in d})
 
 
 class VideoSALMONN2Plus(nn.Module):
@@ -58,12 +80,15 @@ class VideoSALMONN2Plus(nn.Module):
         self.audio = WhisperQFormer(cfg.whisper, cfg.qformer)
         self.freeze_encoders()
 
+    def encoder_parameters(self):
+        """The frozen encoders: the ViT less its merger, Whisper less the Q-Former (the released 2+ trains the
+        merger, the Q-Former, q_tokens, audio_proj and LoRA on the LLM). FSDP leaves them whole on every rank."""
+        return [p for m in (self.visual.patch_embed, self.visual.blocks, self.audio.conv1, self.audio.conv2,
+                            self.audio.embed_positions, self.audio.layers, self.audio.layer_norm) for p in m.parameters()]
+
     def freeze_encoders(self):
-        """The ViT blocks and Whisper never train (the released 2+ trains the merger, the Q-Former, q_tokens,
-        audio_proj and LoRA on the LLM)."""
-        for m in (self.visual.patch_embed, self.visual.blocks, self.audio.conv1, self.audio.conv2, self.audio.layers,
-                  self.audio.layer_norm):
-            m.requires_grad_(False)
+        for p in self.encoder_parameters():
+            p.requires_grad_(False)
         return self
 
     @classmethod
@@ -127,9 +152,10 @@ class VideoSALMONN2Plus(nn.Module):
         h, _ = self.hidden(x, self.position_ids(input_ids, video_grid_thw, second_per_grid_ts, audio_lengths))
         return self.llm.head(h)
 
-    # -- training and sampling on cached encoder features. An item's features are (vis, grid_thw,
-    # second_per_grid, aud): the ViT blocks' output (N, hidden) in the processor's order, its grid (3,) and
-    # seconds per temporal grid, and Whisper's output (S, 1500, d_model); vis or aud None for an item without.
+    # -- training and sampling on cached encoder features, in the form data.Features keeps for both families:
+    # (vis, aud, times, duration): the ViT blocks' output (t, h, w, hidden), its patch grid in its shape (patches
+    # in the processor's order), Whisper's output (S, 1500, d_model), each temporal grid's start in seconds,
+    # the duration; vis or aud None for an item without.
 
     @torch.no_grad()
     def encoder_fingerprint(self):
@@ -140,36 +166,50 @@ class VideoSALMONN2Plus(nn.Module):
         return h.hexdigest()[:16]
 
     @torch.no_grad()
-    def encode(self, pixel_values, grid_thw, mel):
-        """The frozen, cacheable part: ViT features (N, hidden) (None without a video), Whisper's (S, T, Ca)
-        (None without audio)."""
+    def encode(self, patches, mel):
+        """The frozen, cacheable part of data.load_media's output: patches (t, h, w, patch_dim) -> ViT features
+        (t, h, w, hidden) (None without a video), log-mel (S, n_mels, 3000) -> Whisper's (S, T, Ca) (None
+        without audio)."""
         p = self.visual.merger.ln_q.weight
-        vis = None if pixel_values is None else self.visual.features(pixel_values.to(p.device, p.dtype), grid_thw.view(1, 3))
+        vis = None
+        if patches is not None:
+            grid = torch.tensor([patches.shape[:3]])
+            vis = self.visual.features(patches.to(p.device, p.dtype).flatten(0, 2), grid).view(*patches.shape[:3], -1)
         return vis, None if mel is None else self.audio.features(mel.to(p.device, p.dtype))
 
     def block(self, feats):
         """An item's audio-visual block: its placeholder ids and the (video, audio) tokens that fill them."""
-        vis, grid, seconds, aud = feats
-        vid = None if vis is None else self.visual.merger(vis)  # (N / 4, D)
+        vis, aud, times, _ = feats
+        grid = None if vis is None else vis.shape[:3]
+        seconds = times[1] if len(times) > 1 else 1.0  # one grid: its time is 0 whatever its length
+        vid = None if vis is None else self.visual.merger(vis.flatten(0, 2))  # (N / 4, D)
         audio = None if aud is None else self.audio.tokens(aud).flatten(0, 1)  # (S * 60, D)
         ids = av_placeholder_ids(self.cfg.tokens, grid, seconds, None if audio is None else audio.size(0),
                                  self.cfg.vision.spatial_merge_size)
-        return ids, vid, audio
+        return ids, vid, audio, grid, seconds
 
     def embed_sequence(self, feats, prompt_ids, response_ids):
         """One sequence, the prompt's (before, after) ids around the block, then the response:
         (embeds (1, L, D), positions (3, 1, L), prefix length P)."""
-        ids, vid, audio = self.block(feats)
+        ids, vid, audio, grid, seconds = self.block(feats)
         ids = list(prompt_ids[0]) + ids + list(prompt_ids[1]) + list(response_ids)
         t = torch.tensor([ids], device=self.llm.embed_tokens.weight.device)
         x = self.llm.embed_tokens(t)
         for tokens, name in ((vid, "video_token_id"), (audio, "audio_token_id")):
             if tokens is not None:
                 x = x.masked_scatter((t == self.cfg.tokens[name])[..., None], tokens.to(x.dtype))
-        _, grid, seconds, _ = feats
         pos = mrope_position_ids(ids, self.cfg.tokens, None if vid is None else [grid], None if vid is None else [seconds],
                                  None if audio is None else [audio.size(0)], self.cfg.vision.spatial_merge_size)
         return x, pos[:, None].to(t.device), len(ids) - len(response_ids)
+
+    def sequence_length(self, example):
+        """Tokens in the LLM sequence of one example (prompt, block, response), and in its response."""
+        (vis, aud, _, _), (before, after), response = example
+        m = self.cfg.vision.spatial_merge_size
+        block = 2 + (0 if vis is None else vis.shape[:3].numel() // m ** 2) + (0 if aud is None else aud.size(0) * self.cfg.qformer.tokens_per_segment)
+        return len(before) + block + len(after) + len(response), len(response)
+
+    estimate_flops = VideoSALMONN2.estimate_flops  # the LLM's training FLOPs: the same Qwen2 and LoRA accounting
 
     def forward(self, batch):
         """Training: batch = [(features, (before, after) prompt ids, response ids)] -> (summed response NLL,

@@ -25,18 +25,21 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import lora
-from checkpoint import CheckpointError, read_config
+from checkpoint import CheckpointError, load_model, read_config
 from config import UserError
 from data import Features, load_tokenizer, read_manifest
 from model import AVConfig, VideoSALMONN2
+from model_plus import PlusConfig, VideoSALMONN2Plus, plus_tokens
 
 # -----------------------------------------------------------------------------
 # settings of the supervised stages (train_sft.py's defaults; train_align.py and config files override them)
 # model
 init_from = ""  # a checkpoint dir (released layout, with tokenizer.json), or "scratch" to build `arch`
 llava = ""  # with `whisper` instead of init_from: LLaVA-OneVision + Whisper with a fresh audio aligner
-whisper = ""  # Whisper checkpoint dir, with `llava`
-arch = {}  # AVConfig as a dict, for init_from="scratch"
+whisper = ""  # Whisper checkpoint dir, with `llava` or `qwen_vl`
+qwen_vl = ""  # with `whisper` instead of init_from: 2+ from Qwen2.5-VL-Instruct + Whisper, a fresh Q-Former (gen_audio_model.py)
+lora_base = ""  # with init_from a LoRA-only 2+ release (adapter_config.json): its audio-aligned base
+arch = {}  # AVConfig (or, with "tokens", a 2+ PlusConfig) as a dict, for init_from="scratch"
 tokenizer = ""  # tokenizer.json; default: the one in init_from or llava
 lora_r = 128  # LoRA rank (0: no LoRA); released: 128
 lora_alpha = 256  # LoRA alpha: scale alpha / r = 2.0 as released
@@ -92,24 +95,40 @@ def setup_distributed(device):
 
 
 def build_model(c, dev, dtype=None, lora_dropout=None):
-    """The model of settings c (init_from, llava + whisper, or arch) with LoRA applied and only the `trainable`
-    parameters requiring grad (in fp32, AdamW's), the rest in `dtype` (default c's), and its tokenizer."""
+    """The model of settings c with LoRA applied and only the `trainable` parameters requiring grad (in fp32,
+    AdamW's), the rest in `dtype` (default c's), and its tokenizer. The family is the checkpoint's (init_from, a
+    LoRA-only 2+ release on lora_base), the base's (llava or qwen_vl, with whisper) or the architecture's."""
     dt = getattr(torch, dtype or c["dtype"])
-    for path in (c["init_from"], c.get("llava"), c.get("whisper")):  # a wrong directory named before anything loads
+    adapter = c["init_from"] not in ("", "scratch") and os.path.exists(os.path.join(c["init_from"], "adapter_config.json"))
+    for path in (None if adapter else c["init_from"], c.get("lora_base") if adapter else None, c.get("llava"), c.get("qwen_vl"),
+                 c.get("whisper")):  # a wrong directory named before anything loads
         if path and path != "scratch":
             read_config(path)
-    if not (c["init_from"] or c.get("llava")):
-        raise UserError("no model to start from: set init_from (a checkpoint dir or \"scratch\"), or llava and whisper")
-    tok = load_tokenizer(c["tokenizer"] or c["init_from"] or c.get("llava"))
+    if not (c["init_from"] or c.get("llava") or c.get("qwen_vl")):
+        raise UserError("no model to start from: set init_from (a checkpoint dir or \"scratch\"), or llava (or qwen_vl) and whisper")
+    tok = load_tokenizer(c["tokenizer"] or (c.get("lora_base") if adapter else c["init_from"]) or c.get("llava") or c.get("qwen_vl"))
     if c["init_from"] == "scratch":
-        cfg = AVConfig.from_dict(c["arch"])
-        cfg.llm.vocab_size = tok.get_vocab_size()
-        model = VideoSALMONN2(cfg)
+        if "tokens" in c["arch"]:  # 2+: its special tokens are the tokenizer's
+            cfg = PlusConfig.from_dict({**c["arch"], "tokens": plus_tokens(tok)})
+            cfg.llm.vocab_size = tok.get_vocab_size()
+            model = VideoSALMONN2Plus(cfg)
+        else:
+            cfg = AVConfig.from_dict(c["arch"])
+            cfg.llm.vocab_size = tok.get_vocab_size()
+            model = VideoSALMONN2(cfg)
     elif c.get("llava"):
         model = VideoSALMONN2.from_base(c["llava"], c["whisper"])
+    elif c.get("qwen_vl"):
+        model = VideoSALMONN2Plus.from_base(c["qwen_vl"], c["whisper"])
+        plus_tokens(tok)  # adds <|audio_pad|> after the last id, where from_base put it
+        if tok.token_to_id("<|audio_pad|>") != model.cfg.tokens["audio_token_id"]:
+            raise UserError(f"{c['qwen_vl']}: <|audio_pad|> is {tok.token_to_id('<|audio_pad|>')} in the tokenizer, "
+                            f"{model.cfg.tokens['audio_token_id']} in the model")
+    elif adapter:
+        model = VideoSALMONN2Plus.from_lora(c["init_from"], c["lora_base"])
     else:
-        model = VideoSALMONN2.from_pretrained(c["init_from"])
-    if c.get("time_aligned") is not None:  # an interleaving switch, no weights: saved with the model's config
+        model = load_model(c["init_from"])
+    if c.get("time_aligned") is not None and hasattr(model.cfg, "time_aligned"):  # v1's interleaving switch, saved with the config
         model.cfg.time_aligned = c["time_aligned"]
     if c["lora_r"]:
         dropout = c["lora_dropout"] if lora_dropout is None else lora_dropout
@@ -129,8 +148,7 @@ def shard(model, world, dev):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" else MixedPrecisionPolicy()
     for block in model.llm.layers:
         fully_shard(block, mp_policy=mp)
-    frozen = set(model.tower.parameters()) | set(model.speech_encoder.parameters())
-    fully_shard(model, mp_policy=mp, ignored_params=frozen)
+    fully_shard(model, mp_policy=mp, ignored_params=set(model.encoder_parameters()))
     return model
 
 

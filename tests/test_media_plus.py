@@ -152,15 +152,15 @@ def test_load_video_plus(tmp_path):
     h, w = smart_resize(64, 96, 28, 784, 0.95 * PLUS_MAX_FRAMES / 64 * PLUS_MAX_PIXELS)
     assert v.video_grid_thw.tolist() == [32, h // 14, w // 14]
     assert v.pixel_values_videos.shape == (32 * (h // 14) * (w // 14), 1176)
-    mel = load_audio_plus(clip)
-    assert mel.shape == (1, 128, 3000)  # one 30 s chunk: 60 audio tokens
+    mel, seconds = load_audio_plus(clip)
+    assert mel.shape == (1, 128, 3000) and seconds == pytest.approx(4.0, abs=0.1)  # one 30 s chunk: 60 audio tokens
 
 
 def test_short_audio_is_padded_to_one_second(tmp_path):
     clip = tmp_path / "short.mp4"
     write_clip(clip, 0.4)
-    mel = load_audio_plus(clip)
-    assert mel.shape == (1, 128, 3000)
+    mel, seconds = load_audio_plus(clip)
+    assert mel.shape == (1, 128, 3000) and seconds == 1.0
 
 
 def test_chat_format_plus(tmp_path):

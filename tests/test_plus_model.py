@@ -225,11 +225,12 @@ def test_training_sequences_equal_logits(base_dirs):
     m = randomise(VideoSALMONN2Plus.from_base(root / "qwen_vl", root / "whisper", AUDIO).eval(), 11)
     grid, px, mel = torch.tensor([2, 4, 6]), torch.randn(48, 1176), torch.randn(2, 8, 100)
     with torch.no_grad():
-        vis, aud = m.encode(px, grid, mel)
-        feats = (vis, grid, 0.5, aud)
+        vis, aud = m.encode(px.view(2, 4, 6, 1176), mel)  # data.load_media's form: the grid in the shape
+        feats = (vis, aud, [0.0, 0.5], 1.0)  # each grid's start: 0.5 s per grid
         before, after, response = [5, 6], [7, 8], [20, 21, 22]
-        block, _, _ = m.block(feats)
+        block = m.block(feats)[0]
         ids = torch.tensor([before + block + after + response])
+        assert m.sequence_length((feats, (before, after), response)) == (ids.size(1), 3)
         logits = m.logits(input_ids=ids, pixel_values_videos=px, video_grid_thw=grid[None], second_per_grid_ts=[0.5],
                           audio_feature=mel, audio_lengths=[20])
         logp = torch.log_softmax(logits[0], -1)
