@@ -149,9 +149,9 @@ def save_lora(module, path):
 
 
 @torch.no_grad()
-def load_lora(module, path):
-    """Load an adapter saved by save_lora; its keys must be exactly the model's adapter keys."""
-    state = load_file(str(path))
+def load_lora(module, path, state=None):
+    """Load an adapter saved by save_lora (or given as state); its keys must be exactly the model's adapter keys."""
+    state = load_file(str(path)) if state is None else state
     params = {n: p for n, p in module.named_parameters() if "lora_" in n}
     missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
     if missing or unexpected:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 import lora
@@ -237,11 +237,23 @@ def round_model(c, dev, t):
             lora.merge_lora(model)
         path = os.path.join(c["out_dir"], f"round{s}", "proxy.safetensors")
         try:
-            lora.load_lora(model, path)
+            load_proxy(model, path)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: does not fit this run's LoRA (lora_r={c['lora_r']}, lora_targets="
                                   f"{tuple(c['lora_targets'])}; the round was trained with others?): {e}") from e
     return model, tok
+
+
+def load_proxy(model, path):
+    """A round's trained weights: the LoRA proxy, exactly the model's adapter keys, and whatever else trains
+    with it (2+: the merger and the Q-Former, as released)."""
+    state = load_file(path)
+    lora.load_lora(model, path, {k: v for k, v in state.items() if "lora_" in k})
+    rest = {k: v for k, v in state.items() if "lora_" not in k}
+    unexpected = sorted(rest.keys() - dict(model.named_parameters()).keys())
+    if unexpected:
+        raise KeyError(f"{path}: unexpected keys {unexpected[:8]}")
+    model.load_state_dict(rest, strict=False)
 
 
 def evaluate_round(model, tok, c, judge, split, rank, world_size):
@@ -313,7 +325,7 @@ def main(c):
                 register_fsdp_forward_method(model, "continuation_logps")
             if pairs:
                 train_round(model, data, pairs, qa, rdir, c, t, dev, rank, world_size)
-            proxy_state = full_state(model, lambda n: "lora_" in n)
+            proxy_state = full_state(model, lambda n: any(k in n for k in c["trainable"]))
             del model
             if rank == 0:
                 save_file(proxy_state, proxy_path + ".tmp", metadata={"pairs": str(len(pairs))})

@@ -133,8 +133,9 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
     if c["lora_r"]:
         dropout = c["lora_dropout"] if lora_dropout is None else lora_dropout
         lora.apply_lora(model.llm, c["lora_targets"], c["lora_r"], c["lora_alpha"], dropout)
+    frozen = {id(p) for p in model.encoder_parameters()}  # the encoders never train (2+: "audio." holds Whisper too)
     for name, p in model.named_parameters():
-        p.requires_grad_(any(t in name for t in c["trainable"]))
+        p.requires_grad_(id(p) not in frozen and any(t in name for t in c["trainable"]))
         p.data = p.data.to(torch.float32 if p.requires_grad else dt)  # AdamW wants fp32 weights to update
     model.llm.activation_checkpointing = c["activation_checkpointing"]
     return model.to(dev), tok

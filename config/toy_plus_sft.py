@@ -1,0 +1,20 @@
+# Toy video-SALMONN 2+ audio-visual SFT: LoRA on q, k, v plus the merger and the Q-Former, as released.
+init_from = "out/toy_plus/align/final"
+train_data = "data/toyav/train.jsonl"
+val_data = "data/toyav/val.jsonl"
+tasks = ("caption", "qa")
+lora_r = 16
+lora_alpha = 32  # scale 2.0, as released
+lora_dropout = 0.05
+trainable = ("lora_", "visual.merger.", "audio.qformer.", "audio.q_tokens", "audio.audio_proj.")
+fps = 2.0
+max_frames = 40
+batch_size = 8
+steps = 300
+lr = 1e-3
+warmup_ratio = 0.05
+out_dir = "out/toy_plus/sft"
+cache_dir = "out/toy_plus/cache"
+log_every = 25
+eval_every = 0
+ckpt_every = 100
