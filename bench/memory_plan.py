@@ -1,6 +1,7 @@
 """
 Per-GPU memory of video-SALMONN 2 7B LoRA SFT (train_sft.py) under FSDP2, from the config: parameters,
-gradients, optimizer state, gathered (unsharded) parameters, activations, for W GPUs and for one.
+gradients, optimizer state, gathered (unsharded) parameters, activations, for W GPUs and for one; and of
+video-SALMONN 2+ SFT (config/vs2plus_*_sft.py): 7B on one GPU and 8, 72B on 32 and 64 (4 and 8 nodes of 8).
 
 What train_sft.py does, and so what is counted:
 - build_model: trainable parameters (LoRA, the aligner, the projector...) in fp32, frozen ones in bf16;
@@ -18,6 +19,7 @@ allocator fragmentation, the optimizer step's temporaries (after backward, when 
 
 $ python bench/memory_plan.py                             # W = 8 and W = 1, checkpointing on and off
 $ python bench/memory_plan.py --world=32 --frames=64      # any constant below
+$ python bench/memory_plan.py --model=vs2plus_7b          # 2+ 7B (--model=vs2plus_72b: 72B on 32 and 64 GPUs)
 """
 import math
 import os
@@ -28,10 +30,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
 from config import configure, run  # noqa: E402
-from checkpoint import av_config_from_hf  # noqa: E402
+from checkpoint import av_config_from_hf, plus_config_from_hf  # noqa: E402
 from model import VideoSALMONN2  # noqa: E402
+from model_plus import PlusConfig, VideoSALMONN2Plus  # noqa: E402
 
 # -----------------------------------------------------------------------------
+model = "vs2_7b"  # vs2_7b, or 2+: vs2plus_7b, vs2plus_72b (its constants below replace those of vs2_7b)
 world = 8  # GPUs (FSDP2 ranks); the table adds W = 1
 activation_checkpointing = True  # as config/vs2_7b_sft.py; the table adds the other setting
 frames = 110  # max_frames of config/vs2_7b_sft.py: 110 x 182 = 20,020 video tokens
@@ -52,6 +56,20 @@ QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, nu
                 num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0, rms_norm_eps=1e-6,
                 tie_word_embeddings=False)
 SFT_TRAINABLE = trainable
+# Qwen2.5-VL-{7,72}B-Instruct's config.json (LLM and ViT) and the authors' 2+ audio_config defaults (Whisper-large-v3,
+# the 3072-wide Q-Former), as VideoSALMONN2Plus.from_pretrained builds them
+QWEN25_VL = {size: dict(vocab_size=152064, hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=a,
+                        num_key_value_heads=kv, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=h,
+                                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+                        vision_start_token_id=151652, vision_end_token_id=151653, video_token_id=151656, audio_token_id=151665)
+             for size, (h, i, n, a, kv) in {"7b": (3584, 18944, 28, 28, 4), "72b": (8192, 29568, 80, 64, 8)}.items()}
+# config/vs2plus_*_sft.py: 768 frames (10 fps) -> 384 temporal grids; a 16:9 frame at 61,250 pixels is 168 x 308 px,
+# 12 x 22 patches, 66 tokens; 76.8 s of audio -> three 30 s chunks
+PLUS = dict(frames=768, grid_patches=264, audio_segments=3,
+            trainable=("lora_", "visual.merger.", "audio.qformer.", "audio.q_tokens", "audio.audio_proj."))
+PLUS_WORLDS = {"vs2plus_7b": (8, 1), "vs2plus_72b": (64, 32)}
 BF16, FP32, INT64 = 2, 4, 8
 GIB = 2 ** 30
 
@@ -59,7 +77,7 @@ GIB = 2 ** 30
 def meta_model(cfg, r, targets):
     """The model as build_model makes it, on the meta device: shapes without memory."""
     with torch.device("meta"):
-        model = VideoSALMONN2(cfg)
+        model = VideoSALMONN2Plus(cfg) if isinstance(cfg, PlusConfig) else VideoSALMONN2(cfg)
         if r:
             lora.apply_lora(model.llm, targets, r)
     return model
@@ -73,7 +91,7 @@ def rows_per_rank(shape, world):
 
 def param_bytes(model, world, trainable):
     """Bytes per GPU of the persistent state and of the unsharded parameters that live through a step."""
-    encoders = {id(p) for m in (model.tower, model.speech_encoder) for p in m.parameters()}
+    encoders = {id(p) for p in model.encoder_parameters()}
     block = {id(p) for p in model.llm.layers[0].parameters()}
     out = dict(params=0, encoders=0, grads=0, optimizer=0, gathered=0)
     for name, p in model.named_parameters():
@@ -176,8 +194,24 @@ def aligner_saved(cfg, segments, b=BF16):
     return segments * q.frames_per_segment * q.encoder_width * b * (1 + 2 * q.layers)
 
 
+def merger_saved(cfg, patches, b=BF16):
+    """Bytes the trainable 2+ merger saves for backward over `patches` cached ViT features (patches, C): its input
+    needs no gradient, so its RMSNorm saves only the normalised tensor (for the weight's gradient) and its product
+    with the weight (the first Linear's input), then GELU's input and output (the second Linear's), each
+    (patches, C) bf16 = (patches / 4, 4C). The cached features themselves are counted apart (plan)."""
+    return 4 * patches * cfg.vision.hidden_size * b
+
+
+def plus_audio_saved(cfg, segments, b=BF16):
+    """Bytes of the 2+ audio path: the cached Whisper features (S, 1500, Ca) bf16, which every cross-attention key
+    and value Linear reads as they are (no ln_speech before them: nothing new to save); the query path, one token
+    per 0.5 s window, is negligible. An estimate, not checked by the tests."""
+    return segments * cfg.qformer.frames_per_segment * cfg.qformer.encoder_width * b
+
+
 def plan(cfg, world, tokens, lora_r=128, lora_targets=("q_proj", "k_proj", "v_proj"), activation_checkpointing=True,
-         batch_size=1, trainable=SFT_TRAINABLE, lora_dropout=0.05, frames=110, audio_segments=2, response_tokens=800):
+         batch_size=1, trainable=SFT_TRAINABLE, lora_dropout=0.05, frames=110, audio_segments=2, response_tokens=800,
+         grid_patches=264):
     """{part: bytes per GPU} of training with this AVConfig on `world` GPUs, batch_size sequences of `tokens`
     LLM tokens each (frames and audio_segments of them the AV block, response_tokens the response):
     params (sharded LLM and the rest + replicated encoders; encoders: that replicated part), grads,
@@ -186,15 +220,51 @@ def plan(cfg, world, tokens, lora_r=128, lora_targets=("q_proj", "k_proj", "v_pr
     model = meta_model(cfg, lora_r, lora_targets)
     out = param_bytes(model, world, trainable)
     args = (cfg.llm, tokens, response_tokens, lora_r, lora_targets if lora_r else (), lora_dropout, activation_checkpointing)
-    projector_trains = any(any(t in "projector." + n for t in trainable) for n, _ in model.projector.named_parameters())
-    visual = projector_saved(cfg, frames) if projector_trains else frames * cfg.vision.grid ** 2 * cfg.vision.hidden_size * BF16
-    out["activations"] = batch_size * (llm_saved(*args) + visual + aligner_saved(cfg, audio_segments)) + backward_transient(*args)
+    if isinstance(cfg, PlusConfig):  # frames: 2-frame grids of grid_patches patches each
+        patches = -(-frames // cfg.vision.temporal_patch_size) * grid_patches
+        # the cached ViT features, alive all step as the batch's input, and what the merger saves
+        visual = patches * cfg.vision.hidden_size * BF16 + merger_saved(cfg, patches)
+        audio = plus_audio_saved(cfg, audio_segments)
+    else:
+        projector_trains = any(any(t in "projector." + n for t in trainable) for n, _ in model.projector.named_parameters())
+        visual = projector_saved(cfg, frames) if projector_trains else frames * cfg.vision.grid ** 2 * cfg.vision.hidden_size * BF16
+        audio = aligner_saved(cfg, audio_segments)
+    out["activations"] = batch_size * (llm_saved(*args) + visual + audio) + backward_transient(*args)
     out["total"] = sum(out[k] for k in ("params", "grads", "optimizer", "gathered", "activations"))
     return out
 
 
+def main_plus(c):
+    """The 2+ table: PLUS's frames, audio and trainable set, the LoRA and batch of c, the GPU counts of PLUS_WORLDS."""
+    cfg = plus_config_from_hf(QWEN25_VL[c["model"].split("_")[1]])
+    model = meta_model(cfg, c["lora_r"], c["lora_targets"])
+    video = -(-PLUS["frames"] // cfg.vision.temporal_patch_size) * PLUS["grid_patches"] // cfg.vision.spatial_merge_size ** 2
+    audio = PLUS["audio_segments"] * cfg.qformer.tokens_per_segment
+    L = c["tokens"] or 2 + video + audio + c["prompt_tokens"] + c["response_tokens"]
+    count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+    n_lora = count(p for n, p in model.named_parameters() if "lora_" in n)
+    n_train = count(p for n, p in model.named_parameters() if any(t in n for t in PLUS["trainable"]))
+    aligner = count(p for n, p in model.audio.named_parameters() if n.startswith(("qformer.", "q_tokens", "audio_proj.")))
+    print(f"video-SALMONN 2+ {c['model'].split('_')[1].upper()}, LoRA r {c['lora_r']} on {', '.join(c['lora_targets'])}, FSDP2, "
+          f"{c['batch_size']} x {L:,} tokens per GPU ({PLUS['frames']} frames: {video:,} video + {audio} audio + 2 "
+          f"+ {c['prompt_tokens']} prompt + {c['response_tokens']} response)")
+    print(f"parameters: {count(model.parameters()):,}: LLM {count(model.llm.parameters()) - n_lora:,}, "
+          f"ViT {count(model.visual.parameters()) - count(model.visual.merger.parameters()):,}, merger {count(model.visual.merger.parameters()):,}, "
+          f"Whisper {count(model.audio.parameters()) - aligner:,}, Q-Former + q_tokens + audio_proj {aligner:,}, LoRA {n_lora:,}; "
+          f"trainable {n_train:,} (fp32), the rest bf16")
+    print(f"GiB per GPU{'':>9}{'params':>9}{'grads':>9}{'optim':>9}{'gathered':>10}{'activ':>9}{'total':>9}")
+    for w in PLUS_WORLDS[c["model"]]:
+        for ckpt in (c["activation_checkpointing"], not c["activation_checkpointing"]):
+            p = plan(cfg, w, L, c["lora_r"], c["lora_targets"], ckpt, c["batch_size"], PLUS["trainable"], c["lora_dropout"],
+                     PLUS["frames"], PLUS["audio_segments"], c["response_tokens"], PLUS["grid_patches"])
+            cols = "".join(f"{p[k] / GIB:>{9 + (k == 'gathered')}.2f}" for k in ("params", "grads", "optimizer", "gathered", "activations", "total"))
+            print(f"{w:>3} GPU{'s' if w > 1 else ' '} ckpt {'on ' if ckpt else 'off'}{'':>3}{cols}")
+
+
 def main(argv):
     c = configure(globals(), argv)
+    if c["model"] != "vs2_7b":
+        return main_plus(c)
     cfg = av_config_from_hf(QWEN2_7B)
     audio = c["audio_segments"] * cfg.qformer.tokens_per_segment
     model = meta_model(cfg, c["lora_r"], c["lora_targets"])

@@ -151,3 +151,53 @@ def test_script_prints_the_7b_table():
     total = rows["8", "on"][-1]
     assert 0 < total < 80 and total == pytest.approx(sum(rows["8", "on"][:-1]), abs=0.03)
     assert rows["8", "off"][-1] > total and rows["1", "on"][-1] > total
+
+
+PLUS_ARCH = dict(  # a tiny 2+: the 7B's classes and trainable set
+    llm=dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, mrope_section=(2, 3, 3)),
+    vision=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, window_size=56,
+                fullatt_block_indexes=(0,)),
+    whisper=dict(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=48,
+                 max_source_positions=100),
+    qformer=dict(encoder_width=32, hidden=32, heads=2, intermediate=48, window=25, frames_per_segment=100, llm_dim=64,
+                 final_linear=False),
+    tokens=dict(vision_start_token_id=290, vision_end_token_id=291, video_token_id=292, audio_token_id=293))
+
+
+@pytest.mark.parametrize("targets,dropout", [(("q_proj", "k_proj", "v_proj"), 0.05)], ids=["released"])
+def test_plus_activation_formula_equals_the_saved_tensors(targets, dropout):
+    """2+, as the v1 test above: the LLM's saved tensors and the merger's (the 2+ visual path) equal the formula."""
+    from model_plus import PlusConfig, VideoSALMONN2Plus
+    torch.manual_seed(0)
+    cfg = PlusConfig.from_dict(PLUS_ARCH)
+    model = VideoSALMONN2Plus(cfg)
+    lora.apply_lora(model.llm, targets, R, 2 * R, dropout)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(t in name for t in mp.PLUS["trainable"]))
+    model = model.to(torch.bfloat16).train()
+    t, h, w, response = 3, 4, 6, 16  # 3 grids of 4 x 6 patches: 18 video tokens
+    vis = torch.randn(t, h, w, cfg.vision.hidden_size, dtype=torch.bfloat16)
+    ex = ((vis, None, [0.0, 1.0, 2.0], 6.0), ([1, 2, 3, 4], [5, 6]), list(range(10, 10 + response)))
+    measured, (nll, _) = saved_bytes(lambda: model([ex]), list(model.parameters()))
+    L = 2 + t * h * w // 4 + 6 + response
+    formula = (mp.llm_saved(cfg.llm, L, response, R, targets, dropout, False, mask_bytes=2)
+               + mp.merger_saved(cfg, t * h * w))
+    print(f"saved for backward: measured {measured:,} bytes, formula {formula:,} bytes")
+    assert formula == pytest.approx(measured, rel=0.02)
+    nll.backward()
+
+
+@pytest.mark.parametrize("name,worlds", [("vs2plus_7b", ("8", "1")), ("vs2plus_72b", ("64", "32"))])
+def test_script_prints_the_plus_tables(name, worlds):
+    out = subprocess.run([sys.executable, "bench/memory_plan.py", f"--model={name}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    print(out.stdout)
+    assert ("LLM 7,615,616,512" if name == "vs2plus_7b" else "LLM 72,706,203,648") in out.stdout  # Qwen2.5-VL's LLM
+    rows = {m.group(1, 2): list(map(float, m.group(3).split())) for m in
+            re.finditer(r"^\s*(\d+) GPUs?\s+ckpt (on|off)\s+([\d. ]+)$", out.stdout, re.M)}
+    assert set(rows) == {(w, c) for w in worlds for c in ("on", "off")}
+    for w in worlds:
+        assert 0 < rows[w, "on"][-1] < rows[w, "off"][-1]
+        assert rows[w, "on"][-1] == pytest.approx(sum(rows[w, "on"][:-1]), abs=0.03)
