@@ -26,3 +26,20 @@ def test_scale_smoke():
     assert rows["gDPO vs SFT"][3] != "-" and rows["gDPO vs 5-pass"][3] != "-"  # the two ratios
     assert rows["SFT ckpt on"][3] == "-" and rows["sampling n=2"][3] == "-"  # no peak FLOP/s or bandwidth on the CPU
     assert lines[-1] == "sft_mfu: -"
+
+
+def test_scale_smoke_plus():
+    """The 2+ path (--model=vs2plus_7b): every row but the 5-pass comparison, which 2+ has no released scheme for."""
+    out = subprocess.run([sys.executable, "bench/scale.py", "--smoke", "--device=cpu", "--model=vs2plus_7b"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("cpu, ") and "vs2plus_7b" in lines[0] and "ViT" in lines[0]
+    assert re.fullmatch(r"loss: gDPO \S+, 5-pass -", lines[1])
+    names = [n if n != "SigLIP" else "ViT" for n in ROWS]
+    rows = {name: line[len(name):].split() for line in lines[3:-1] for name in names if line.startswith(name + " ")}
+    assert set(rows) == set(names), lines
+    assert rows["gDPO vs 5-pass"][:4] == ["-", "-", "-", "-"]
+    for name in set(names) - {"gDPO vs 5-pass"}:
+        assert float(rows[name][0]) > 0 and (rows[name][1] == "-" or float(rows[name][1]) > 0), (name, rows[name])
+    assert lines[-1] == "sft_mfu: -"
