@@ -343,8 +343,6 @@ def save_hf_qwen2(state, cfg, tok, path, dtype, max_shard_bytes=None):
 # (checkpoint key prefix, our prefix), most specific first; transformers >= 4.52 nests the LLM and the ViT
 PLUS_PREFIXES = [("model.language_model.", "llm."), ("model.visual.", "visual."), ("visual.", "visual."),
                  ("audio.", "audio."), ("lm_head.", "llm.lm_head."), ("model.", "llm.")]
-# persistent buffers the authors' save_pretrained writes that are no parameters of ours
-PLUS_BUFFERS = ("audio.qformer.bert.embeddings.position_ids",)
 
 
 def plus_to_ours(key):
@@ -374,7 +372,7 @@ def load_video_salmonn2_plus(cls, path, dtype=None, device="cpu"):
         model = cls(cfg)
 
     def rename(k):
-        if k in PLUS_BUFFERS or (k.startswith("lm_head.") and cfg.llm.tie_word_embeddings):
+        if k.startswith("lm_head.") and cfg.llm.tie_word_embeddings:  # (the Q-Former's position_ids: load_into skips it)
             return None
         return plus_to_ours(k)
     load_into(model, path, rename, dtype, device)
@@ -390,7 +388,7 @@ def load_plus_base(cls, qwen_vl_path, whisper_path, audio_config=None, dtype=Non
     if audio_id is None:
         tok = os.path.join(qwen_vl_path, "tokenizer.json")
         if not os.path.exists(tok):
-            raise FileNotFoundError(f"{qwen_vl_path}: no audio_token_id in config.json and no tokenizer.json to add <|audio_pad|> to")
+            raise CheckpointError(f"{qwen_vl_path}: no audio_token_id in config.json and no tokenizer.json to add <|audio_pad|> to")
         from tokenizers import Tokenizer
         audio_id = Tokenizer.from_file(tok).get_vocab_size(with_added_tokens=True)
     whisper_raw = read_config(whisper_path)
@@ -421,24 +419,27 @@ def load_plus_lora(cls, lora_path, base_path, dtype=None, device="cpu"):
     base: LoRA A/B on the LLM's projections, merged (W += alpha / r B A, as the authors' merge_and_unload),
     and the modules_to_save (the merger, the Q-Former, audio_proj) replacing the base's."""
     import lora
-    with open(os.path.join(lora_path, "adapter_config.json")) as f:
-        adapter = json.load(f)
+    try:
+        with open(os.path.join(lora_path, "adapter_config.json")) as f:
+            adapter = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{lora_path}: no readable adapter_config.json (a PEFT LoRA release?): {e}") from e
     model = load_video_salmonn2_plus(cls, base_path, dtype, device)
     lora.apply_lora(model.llm, tuple(adapter.get("target_modules") or lora.TARGETS), adapter["r"], adapter["lora_alpha"], 0.0)
     file = os.path.join(lora_path, "adapter_model.safetensors")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{lora_path}: no adapter_model.safetensors")
+        raise CheckpointError(f"{lora_path}: no adapter_model.safetensors")
     state, ours = {}, model.state_dict()
-    with safe_open(file, framework="pt", device=str(device)) as f:
+    with open_safetensors(file, device) as f:
         for key in f.keys():
             k = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
             name = plus_to_ours(k)
             if name not in ours:
-                raise ValueError(f"{file}: {key} fits no parameter of {cls.__name__} (as {name})")
+                raise CheckpointError(f"{file}: {key} fits no parameter of {cls.__name__} (as {name})")
             t = f.get_tensor(key)
             state[name] = t.to(ours[name].dtype) if t.is_floating_point() else t
     if not any(k.endswith(".lora_A") for k in state):
-        raise ValueError(f"{file}: no LoRA weights")
+        raise CheckpointError(f"{file}: no LoRA weights")
     model.load_state_dict(state, strict=False)
     lora.merge_lora(model)
     return model.freeze_encoders()
