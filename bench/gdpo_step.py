@@ -8,8 +8,8 @@ One gDPO training step (forward and backward) two ways, on the same model and th
   sequence: 5 encoder passes and 5 LLM passes per step.
 The sizes are the 7B run's scaled down to a CPU with its proportions kept: prefix / caption tokens about 25
 (20,000 video tokens to 800), LLM matmul / attention FLOPs per prefix token about 3 (Qwen2-7B at 21,000
-tokens: 3.1), MLP / width 5.3 and 4 query heads per KV head as Qwen2-7B, and a tower costing about a fifth of
-an LLM forward (so400m on 110 frames against the 7B LLM on 21,000 tokens: about 0.2).
+tokens: 3.1), MLP / width 5.3 as Qwen2-7B, grouped-query attention (4 query heads per KV head; Qwen2-7B: 7), and
+a tower costing about a fifth of an LLM forward (so400m on 110 frames against the 7B LLM on 21,000 tokens: about 0.2).
 
 $ python bench/gdpo_step.py            # prints the table and, last, "speedup: X.XX"
 $ python bench/gdpo_step.py --smoke    # tiny, a few seconds

@@ -157,11 +157,13 @@ def llm_saved(llm, L, R, r, targets, dropout, checkpointing, b=BF16, mask_bytes=
     - RoPE's cos and sin (L, hd), shared by all blocks;
     - the final RMSNorm: fp32 upcast and rsqrt over all L positions (the norm runs before the slicing);
     - the loss: the head runs on the R response rows only; it is frozen, so it saves nothing; the logits
-      are upcast to fp32, and log_softmax saves its fp32 output (R, V), which nll_loss reads too."""
+      are upcast to fp32, and log_softmax saves its fp32 output (R, V), which nll_loss reads too, with the
+      int64 targets (R,) and its fp32 scalar total weight."""
     blocks = L * llm.hidden_size * b if checkpointing else block_saved(llm, L, r, targets, dropout, b, mask_bytes)
     rope = 2 * L * llm.head_dim * b
     final_norm = L * (llm.hidden_size + 1) * FP32
-    return llm.num_hidden_layers * blocks + rope + final_norm + R * llm.vocab_size * FP32
+    loss = R * llm.vocab_size * FP32 + R * INT64 + FP32
+    return llm.num_hidden_layers * blocks + rope + final_norm + loss
 
 
 def backward_transient(llm, L, R, r, targets, dropout, checkpointing, b=BF16, mask_bytes=1):

@@ -6,7 +6,8 @@ SigLIP-so400m at 384 px (26 of 27 layers), Whisper-large-v3's encoder and the re
    MFU, peak memory, and the peak that bench/memory_plan.py predicts for it;
 2. a gDPO step (train_mrdpo.pair_step: one prefix pass, chosen / rejected / ground truth over its KV cache)
    against the SFT step (goal: at most 1.5x) and against the released 5-pass scheme (goal: 4x faster);
-3. caption sampling (2 captions sharing the prefix's KV cache): decode tokens/s against the memory-bandwidth bound;
+3. caption sampling (2 captions sharing the prefix's KV cache): decode tokens/s, the steps after the prefill timed
+   on their own, against the memory-bandwidth bound;
 4. the frozen encoders' throughput, and the GPU-hours per epoch that the feature cache saves.
 The sequence is the paper's: 110 frames x 182 tokens, 60 s of audio (2 Whisper segments), the chat prompt and an
 800-token caption. Rows that may not fit a card (checkpointing off, the 5-pass scheme) print OOM.
@@ -49,7 +50,8 @@ frames = 110  # video frames: 110 x 182 = 20,020 visual tokens, the paper's maxi
 seconds = 60  # audio seconds: 2 Whisper segments of 30 s -> 120 audio tokens (stretched over the frames)
 caption_tokens = 800  # tokens per caption (SFT response; gDPO chosen, rejected and ground truth)
 lora_r = 128  # LoRA rank on q, k, v (alpha = 2r, as released)
-sample_tokens = 128  # decode steps timed while sampling
+samples = 2  # captions sampled per video, sharing the prefix's KV cache (MrDPO's samples_per_video)
+sample_tokens = 128  # tokens sampled per caption: the first from the prefill, then a decode step each
 epoch_samples = 13000  # SFT videos per epoch: "about 13k videos" (paper 4.2)
 repeats = 3  # timed runs of each row after a warm-up; the median is reported
 smoke = False  # toy shapes, for the test
@@ -165,7 +167,8 @@ def main(argv):
     print(f"{torch.cuda.get_device_name(dev) if cuda else 'cpu'}, {time.strftime('%Y-%m-%d')}, {c['model']}, LLM {cfg.llm.hidden_size} x "
           f"{cfg.llm.num_hidden_layers} layers ({n_llm / 1e9:.2f}B), {vision}, Whisper "
           f"{cfg.whisper.d_model} x {cfg.whisper.encoder_layers} layers, {c['frames']} frames + {c['seconds']} s audio = "
-          f"{prefix_len:,} prefix tokens, captions {c['caption_tokens']} tokens, LoRA r {c['lora_r']}, median of {c['repeats']}")
+          f"{prefix_len:,} prefix tokens, captions {c['caption_tokens']} tokens, sampling {c['samples']} x {c['sample_tokens']} tokens, "
+          f"LoRA r {c['lora_r']}, median of {c['repeats']}")
 
     def measure(fn, oom_ok=False):
         """(median seconds of `repeats` calls after a warm-up, peak GB on GPU, the warm-up's result), or "OOM" for
@@ -242,17 +245,34 @@ def main(argv):
                  "gDPO s / SFT ckpt on s (goal <= 1.5)"))
     rows.append(("gDPO vs 5-pass", t5, None, "-", None if t5 in ("OOM", None) else t5 / tg, peak_5, None, "5-pass s / gDPO s (goal >= 4)"))
 
-    # 3. sampling: two runs differing only in decode steps (generate runs one decode forward per new token, the
-    # first with max_new_tokens=1), so the difference is sample_tokens - 1 decode steps of n rows
+    # 3. sampling, as MrDPO samples (model.sample: one prefill, n rows over its KV cache, nucleus), its decode timed on
+    # its own: from the end of the prefill, the first pass of the LLM's final norm, to the last token, in the same call
     model.eval()
-    n, M = 2, c["sample_tokens"]
+    n, M = c["samples"], c["sample_tokens"]
 
-    def sample(k):
-        with autocast(dev, amp):
-            return model.sample(cached, prompt, n=n, max_new_tokens=k, top_p=0.9)
-    t1, _, _ = measure(lambda: sample(1))
-    tM, peak_s, _ = measure(lambda: sample(M))
-    decode = n * (M - 1) / (tM - t1)
+    def decode_seconds():
+        ends = []
+
+        def prefill_done(*_):
+            if not ends:
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                ends.append(time.perf_counter())
+        hook = model.llm.norm.register_forward_hook(prefill_done)
+        try:
+            with autocast(dev, amp):
+                model.sample(cached, prompt, n=n, max_new_tokens=M, top_p=0.9)
+        finally:
+            hook.remove()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - ends[0]
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    td = statistics.median([decode_seconds() for _ in range(1 + c["repeats"])][1:])  # after a warm-up
+    peak_s = torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else None
+    decode = n * (M - 1) / td  # the first token of each row comes from the prefill; each of the M - 1 steps adds n
     # each decode step reads the LLM's weights once (not the embedding: a lookup; Qwen2-7B's head is untied) and
     # each of the n rows reads the prefix's keys and values
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.llm.named_parameters()
@@ -260,7 +280,7 @@ def main(argv):
     kv_bytes = n * 2 * cfg.llm.num_hidden_layers * cfg.llm.num_key_value_heads * cfg.llm.head_dim * prefix_len \
         * model.llm.embed_tokens.weight.element_size()  # (k, v) x layers x KV heads x head dim x tokens x bytes
     bound = n * bandwidth / (weight_bytes + kv_bytes) if bandwidth else None
-    rows.append((f"sampling n={n}", tM - t1, decode, "tok/s", decode / bound if bound else None, peak_s, None,
+    rows.append((f"sampling n={n}", td, decode, "tok/s", decode / bound if bound else None, peak_s, None,
                  f"bound {bound:.0f} tok/s: {bandwidth / 1e12:.2f} TB/s over {(weight_bytes + kv_bytes) / 1e9:.1f} GB per step"
                  if bound else "bound: no bandwidth for this device"))
 

@@ -42,3 +42,20 @@ def write_crafted_state(file, marker):
     assert os.path.isdir(marker)
     os.rmdir(marker)
     return file
+
+
+def rounded(x):
+    """The interval of exact values that print as x: a string stands for any number that rounds to its decimals;
+    a number is exact."""
+    if not isinstance(x, str):
+        return x, x
+    half = 0.5 * 10 ** -len(x.partition(".")[2])
+    return float(x) - half, float(x) + half
+
+
+def printed_quotient(q, a, b):
+    """Whether the printed q can be a / b, for exact values that print as a and b (see rounded): what a bench prints
+    as a rate or a ratio must be the quotient of what it prints as the work and the times."""
+    (ql, qh), (al, ah), (bl, bh) = rounded(q), rounded(a), rounded(b)
+    assert al >= 0 and bh > 0, (q, a, b)
+    return (bl <= 0 or ql <= ah / bl * (1 + 1e-9)) and al / bh * (1 - 1e-9) <= qh  # b printed as 0: no upper bound

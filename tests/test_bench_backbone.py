@@ -1,21 +1,31 @@
-"""bench/backbone.py --smoke runs, our Qwen2 agrees with transformers, and it prints its ratios."""
+"""bench/backbone.py --smoke runs, our Qwen2 agrees with transformers, and its table is consistent: each tokens/s is
+the tokens it names over the seconds it prints, each ratio the quotient of the two tokens/s, and the closing ratio
+lines repeat the table's ratios."""
 import os
 import re
 import subprocess
 import sys
+
+from conftest import printed_quotient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_backbone_smoke():
     r = subprocess.run([sys.executable, os.path.join("bench", "backbone.py"), "--smoke"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     diff = re.search(r"^logits max abs diff: (\S+)$", out, re.M)
     assert diff and float(diff.group(1)) < 1e-4, out
     assert re.search(r"^greedy tokens match: True$", out, re.M), out
+    batch, prompt, new = map(int, re.search(r"prompt (\d+)x(\d+), new_tokens (\d+),", out).groups())
+    assert (batch, prompt, new) == (1, 32, 8)  # the smoke sizes
+    table = {m[0]: m[1:] for m in re.findall(r"^(prefill|decode)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M)}
+    assert set(table) == {"prefill", "decode"}, out
+    tokens = {"prefill": batch * prompt, "decode": new}  # decode: new tokens over a whole generate, prefill included
+    for name, (ours, theirs, ratio, s_ours, s_theirs) in table.items():
+        assert printed_quotient(ours, tokens[name], s_ours) and printed_quotient(theirs, tokens[name], s_theirs), name
+        assert printed_quotient(ratio, ours, theirs), name
     lines = out.strip().splitlines()
-    assert lines[-2].startswith("prefill_ratio: ") and lines[-1].startswith("decode_ratio: "), out
-    for line in lines[-2:]:
-        assert float(line.split(": ")[1]) > 0, line
+    assert lines[-2:] == [f"prefill_ratio: {table['prefill'][2]}", f"decode_ratio: {table['decode'][2]}"], out

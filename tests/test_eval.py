@@ -7,14 +7,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import eval as ev
 from checkpoint import DEMO_PROMPT
 from data import encode_prompt, load_tokenizer, load_video
 from judge import MAX_ATTEMPTS, SEED, rates, reduce_repeated_words
 from model import VideoSALMONN2
-from test_av_model import ROOT, tiny_checkpoint  # noqa: F401 (a fixture)
+from test_av_model import ROOT, naive_greedy, tiny_checkpoint  # noqa: F401 (a fixture)
 from test_judge import answer_text, caption_of, server  # noqa: F401 (a fixture)
 from test_media import write_video
 
@@ -37,13 +36,12 @@ def write_manifest(path, items):
 
 
 def greedy(ckpt, video, prompt, max_new_tokens):
-    """The model's greedy answer computed without eval.py: (text, ended with <|im_end|>)."""
+    """The model's greedy answer computed without eval.py nor generate: (text, ended with <|im_end|>)."""
     m, tok = VideoSALMONN2.from_pretrained(ckpt).eval(), load_tokenizer(str(ckpt))
     media = load_video(video, image_size=m.cfg.vision.image_size, n_mels=80, segment_seconds=m.cfg.segment_seconds)
     stop = tok.token_to_id("<|im_end|>")
-    with torch.no_grad():
-        ids = m.sample((*m.encode(media.frames, media.mel), media.times, media.duration), encode_prompt(tok, prompt),
-                       max_new_tokens=max_new_tokens, greedy=True, stop_ids=(stop,))[0]
+    ids = naive_greedy(m, (*m.encode(media.frames, media.mel), media.times, media.duration), encode_prompt(tok, prompt),
+                       max_new_tokens, stop)
     return tok.decode(ids, skip_special_tokens=True).strip(), ids[-1] == stop
 
 
@@ -113,6 +111,11 @@ def test_qa_accuracy_counts_letters(tmp_path, monkeypatch):
     assert [(r["letter"], r["correct"]) for r in rows] == [("B", True), ("C", False), (None, False)]
 
 
+def first_letter(text):
+    """This test's own letter rule: the first word of the answer that is one capital A-D on its own."""
+    return next((w for w in re.split(r"\W+", text) if w in ("A", "B", "C", "D")), None)
+
+
 def test_qa_task_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     write_video(tmp_path / "a.mp4", 2)
     write_video(tmp_path / "b.mp4", 2, colour=(200, 30, 30), tone=880.0)
@@ -120,11 +123,16 @@ def test_qa_task_end_to_end(tiny_checkpoint, tmp_path):  # noqa: F811
     run_eval("--task=qa", f"--ckpt={tiny_checkpoint}", f"--manifest={manifest}", f"--out_dir={tmp_path / 'out'}",
              f"--cache_dir={tmp_path / 'cache'}", "--answer_tokens=5")
     rows = json.loads((tmp_path / "out" / "qa.json").read_text())
-    items = ev.read_qa(manifest)
-    preds = [greedy(tiny_checkpoint, it["video"], it["prompt"], 5)[0] for it in items]
-    assert [r["prediction"] for r in rows] == preds and [r["video"] for r in rows] == ["a.mp4", "a.mp4", "b.mp4"]
-    acc = sum(ev.extract_letter(p) == it["answer"] for p, it in zip(preds, items)) / 3
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["qa"]["accuracy"] == pytest.approx(acc)
+    prompts = [VIDEOMME.format(q="What colour?", o="A. red\nB. grey\nC. blue\nD. green"),
+               VIDEOMME.format(q="What is heard?", o="A. a tone\nB. a dog\nC. rain\nD. speech"),
+               VIDEOMME.format(q="How many circles?", o="A. one\nB. two\nC. three\nD. four")]
+    preds = [greedy(tiny_checkpoint, str(tmp_path / v), p, 5)[0] for v, p in zip(("a.mp4", "a.mp4", "b.mp4"), prompts)]
+    assert [(r["video"], r["prompt"], r["prediction"]) for r in rows] == list(zip(("a.mp4", "a.mp4", "b.mp4"), prompts, preds))
+    letters = [first_letter(p) for p in preds]
+    correct = [letter == answer for letter, answer in zip(letters, "BAC")]
+    assert [(r["letter"], r["answer"], r["correct"]) for r in rows] == list(zip(letters, "BAC", correct))
+    qa = json.loads((tmp_path / "out" / "results.json").read_text())["qa"]
+    assert qa == {"accuracy": pytest.approx(sum(correct) / 3), "items": 3, "no_letter": letters.count(None)}
 
 
 # -----------------------------------------------------------------------------
