@@ -3,16 +3,22 @@ re-init, the shared-prefix step against the released 5-pass scheme, and resuming
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 import lora
 import train_mrdpo
+import training
 from checkpoint import CheckpointError
 from config import configure
 from conftest import write_crafted_state
@@ -127,6 +133,72 @@ def test_shared_prefix_step_equals_the_five_pass_scheme(checkpointing):
     assert torch.allclose(loss, five, atol=1e-5)
     for g, layer in zip(shared, lora.lora_layers(m)):
         assert torch.allclose(g, layer.lora_B.grad, atol=1e-6)
+
+
+def gdpo_step(out):
+    """One gDPO step of a tiny model on two pairs, as train_round takes it (pair_step, training.Stepper with AdamW and
+    clipping): under torchrun each rank takes its own pair, on the model sharded by FSDP2 (training.shard,
+    continuation_logps registered); in one process both pairs. Writes the LoRA after the step (out/lora.safetensors)
+    and, in out/step.json, each rank's loss and the gradient norm that clipping saw."""
+    rank, world, dev = training.setup_distributed("cpu")
+    m = lora.mark_only_lora_trainable(lora_model())  # seeded: the same model on every rank
+    torch.manual_seed(4)
+    feats, prompt = (torch.randn(3, 16, 32), torch.randn(2, 100, 32), [0.0, 1.0, 2.0], 3.0), ([1, 2, 3], [4, 5])
+    pairs = []  # ground truths of equal length: the mean token CE of both pairs is the mean of each rank's
+    for chosen, rejected, gt in [([7, 8, 9, 2], [10, 11, 2], [12, 13, 14, 2]), ([20, 21, 2], [22, 23, 24, 25, 2], [26, 27, 28, 2])]:
+        with torch.no_grad(), lora.disabled(m):
+            ref = m.eval().continuation_logps(feats, prompt, [chosen, rejected])[0]
+        pairs.append((feats, prompt, {"chosen_ids": chosen, "rejected_ids": rejected, "gt_ids": gt,
+                                      "ref_chosen": ref[0].item(), "ref_rejected": ref[1].item()}))
+    m = training.shard(m, world, dev)
+    if world > 1:
+        register_fsdp_forward_method(m, "continuation_logps")
+    stepper, norms, clip = training.Stepper(m, 1e-3, 0.0, 1e-3, 10, world, dev), [], torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(*args, **kw):
+        norm = clip(*args, **kw)
+        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).item())
+        return norm
+    loss = pair_step(m, pairs[rank::world], dev, {"beta": 0.1, "ce_weight": 0.1})[0]
+    with mock.patch.object(torch.nn.utils, "clip_grad_norm_", recording_clip):
+        assert stepper.step(loss, 1e-3, "the step")
+    losses = [loss.item()]
+    if world > 1:
+        losses = [None] * world
+        torch.distributed.all_gather_object(losses, loss.item())
+    state = training.full_state(m, lambda n: "lora_" in n)
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        save_file(state, os.path.join(out, "lora.safetensors"))
+        with open(os.path.join(out, "step.json"), "w") as f:
+            json.dump({"losses": losses, "grad_norm": norms[0]}, f)
+
+
+def test_gdpo_step_under_two_process_fsdp_equals_one_process(tmp_path):
+    """The gDPO step of 2 processes (FSDP2, gloo), one pair each, equals the step of one process on both pairs: the
+    mean of the ranks' losses is the loss, the gradient norm clipping sees is the same (so the ranks' gradients are
+    averaged, not summed), and the LoRA after the clipped AdamW step is the same, and moved."""
+    gdpo_step(str(tmp_path / "one"))
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\nimport test_mrdpo\n"
+                      f"test_mrdpo.gdpo_step({str(tmp_path / 'two')!r})\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={port}", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "step.json").read_text()) for d in ("one", "two"))
+    assert len(two["losses"]) == 2 and two["losses"][0] != two["losses"][1]  # each rank its own pair
+    assert sum(two["losses"]) / 2 == pytest.approx(one["losses"][0], abs=1e-6)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5) and one["grad_norm"] > 1e-3  # clipped
+    before = lora.lora_state_dict(lora_model())
+    a, b = (load_file(str(tmp_path / d / "lora.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys() == before.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-7), (k, (a[k] - b[k]).abs().max())
+        assert (a[k] != before[k]).all(), k  # the step moved every entry
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +426,65 @@ def test_a_judge_that_fails_every_caption_gives_no_rate(one_round):
     model, tok = train_mrdpo.round_model(one_round, torch.device("cpu"), 1)
     with pytest.raises(SystemExit, match="val: no rate: the judge failed on all 1 captions"):
         train_mrdpo.evaluate_round(model, tok, one_round, Failing(), "val", 0, 1)
+
+
+@pytest.fixture(scope="module")
+def direct(toy, tmp_path_factory):
+    """Two "Direct" rounds (proxy=False, Fig. 3b), each on 3 of the 8 caption videos (videos_per_round), every pair
+    kept, no QA steps; with what train_round was given (the data, the pairs) and the model's parameters at its start
+    and at its end."""
+    out = tmp_path_factory.mktemp("direct")
+    c = mrdpo_config(toy, out, proxy=False, videos_per_round=3, steps_per_round=1, qa_mix=0.0, max_new_tokens=8)
+    seen, train_round = {}, train_mrdpo.train_round
+
+    def spy(model, data, pairs, qa, rdir, c, t, *rest):
+        params = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
+        seen[t] = {"items": data.items, "pairs": pairs, "start": params()}
+        train_round(model, data, pairs, qa, rdir, c, t, *rest)
+        seen[t]["end"] = params()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mrdpo, "train_round", spy)
+        train_mrdpo.main(c)
+    return c, seen
+
+
+def test_direct_trains_one_lora_across_rounds(toy, direct):
+    """proxy=False: nothing is merged and no fresh proxy starts. Round 2 trains on round 1's LoRA as it left round 1
+    (and as saved), over the SFT weights untouched; its reference is that round-start model (the first step's rewards
+    are 0); the model rebuilt from the saved proxies (round_model: what evaluates the round) is the trained one, and
+    final/ is it, merged."""
+    c, seen = direct
+    out = Path(c["out_dir"])
+    sft = VideoSALMONN2.from_pretrained(toy / "sft" / "final").state_dict()
+    for t in (1, 2):
+        assert all(torch.equal(p, sft[n]) for n, p in seen[t]["start"].items() if "lora_" not in n), t
+    proxy1 = load_file(str(out / "round1" / "proxy.safetensors"))
+    assert proxy1.keys() == {n for n in seen[2]["start"] if "lora_" in n}
+    for n, p in proxy1.items():
+        assert torch.equal(seen[2]["start"][n], seen[1]["end"][n]) and torch.equal(p, seen[1]["end"][n]), n
+    assert all(p.abs().sum() > 0 for n, p in proxy1.items() if n.endswith("lora_B"))  # round 1 trained it, unmerged
+    first = json.loads((out / "round2" / "log.jsonl").read_text().splitlines()[0])  # the loss before the first update
+    # (against the SFT model, the reference that the LoRA disabled would give, they are about 0.006 here)
+    assert first["chosen_reward"] == pytest.approx(0, abs=1e-4) and first["rejected_reward"] == pytest.approx(0, abs=1e-4)
+    rebuilt, _ = train_mrdpo.round_model(c, torch.device("cpu"), 2)
+    assert all(torch.equal(p, seen[2]["end"][n]) for n, p in rebuilt.named_parameters())
+    final, idx = VideoSALMONN2.from_pretrained(out / "final"), torch.randint(0, 50, (1, 12))
+    assert torch.allclose(logits_of(final, idx), logits_of(rebuilt.eval(), idx), atol=1e-5)
+
+
+def test_videos_per_round_samples_a_seeded_subset(direct, tmp_path):
+    """videos_per_round=3: each round samples 3 of the caption videos, another 3 the next round, and the same 3 when a
+    round's sampling runs again (seeded, so a resumed round samples what it would have); the round's pairs come from
+    those videos only."""
+    c, seen = direct
+    captions = {i for i, it in enumerate(seen[1]["items"]) if it["task"] == "caption"}
+    samples = {t: (Path(c["out_dir"]) / f"round{t}" / "samples_rank0.jsonl").read_text() for t in (1, 2)}
+    videos = {t: [json.loads(x)["i"] for x in samples[t].splitlines()] for t in (1, 2)}
+    for t in (1, 2):
+        assert len(set(videos[t])) == len(videos[t]) == 3 and set(videos[t]) <= captions and len(captions) == 8, videos
+        assert sorted(p["i"] for p in seen[t]["pairs"]) == sorted(videos[t])  # thresholds -1: each video's pair kept
+    assert set(videos[1]) != set(videos[2])
+    model, tok = train_mrdpo.round_model(c, torch.device("cpu"), 1)  # Direct: round 2 starts from round 1's model
+    data = Features(model, tok, seen[2]["items"], fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"])
+    train_mrdpo.sample_and_judge(model, tok, data, str(tmp_path), c, 2, 0, 1, ToyJudge())
+    assert (tmp_path / "samples_rank0.jsonl").read_text() == samples[2]
