@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from einops import rearrange
 
 from encoders import CHUNK_LENGTH, SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder, init_normal
 from qformer import AudioAligner, QFormerConfig
@@ -397,13 +398,11 @@ class VideoSALMONN2(nn.Module):
     def visual_tokens(self, feats):
         """Tower features (F, g*g, Cv) -> (F, h*(h+1), D): projector, max-pool, a newline after each row."""
         x = self.projector(feats)  # (F, g*g, D)
-        Fn, N, D = x.shape
-        g = math.isqrt(N)
-        x = x.view(Fn, g, g, D).permute(0, 3, 1, 2)  # (F, D, g, g)
-        x = F.max_pool2d(x, self.cfg.pool).permute(0, 2, 3, 1)  # (F, h, h, D)
-        h = x.size(1)
+        x = rearrange(x, "f (h w) d -> f d h w", h=math.isqrt(x.size(1)))
+        x = rearrange(F.max_pool2d(x, self.cfg.pool), "f d h w -> f h w d")  # h = w = g // pool, a partial window dropped
+        Fn, h, _, D = x.shape
         x = torch.cat([x, self.image_newline.to(x.dtype).expand(Fn, h, 1, D)], dim=2)  # (F, h, h+1, D)
-        return x.reshape(Fn, h * (h + 1), D)
+        return rearrange(x, "f h w d -> f (h w) d")  # row by row, each row ending with its newline
 
     def interleave(self, vis, aud, frame_times, duration):
         """Frame i's visual tokens, then its slice of audio tokens (paper Eq. 4-6) -> (L, D).
@@ -413,7 +412,7 @@ class VideoSALMONN2(nn.Module):
         interpolation to a multiple of n), so timing drifts unless the duration is a multiple of 30 s.
         time_aligned: frame i gets only the tokens whose time falls in [t_i, t_{i+1}), and the tokens
         past the end of the audio (segment padding) are dropped."""
-        n, D = vis.size(0), vis.size(-1)
+        n = vis.size(0)
         if self.cfg.time_aligned:
             rate = self.cfg.audio_tokens_per_second
             n_keep = min(aud.size(0), math.ceil(duration * rate))
@@ -424,8 +423,8 @@ class VideoSALMONN2(nn.Module):
         if front.size(0) % n:
             size = front.size(0) + n - front.size(0) % n
             front = F.interpolate(front.T[None], size=size, mode="nearest")[0].T  # (size, D)
-        front = front.reshape(n, -1, D)  # (n, k, D)
-        return torch.cat([torch.cat([vis, front], dim=1).reshape(-1, D), back])
+        front = rearrange(front, "(n k) d -> n k d", n=n)  # k audio tokens for each frame
+        return torch.cat([rearrange(torch.cat([vis, front], dim=1), "n t d -> (n t) d"), back])
 
     def av_length(self, n_frames, n_audio, duration):
         """The length of interleave's output (without running it): n_audio audio tokens, n_frames frames."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from encoders import WhisperEncoder
 
@@ -138,17 +139,17 @@ class AudioAligner(nn.Module):
         w = self.cfg.window
         n = T // w  # the release's F.unfold drops a trailing partial window
         x = self.ln_speech(encoder_out[:, :n * w])
-        x = x.reshape(S * n, w, C)  # (S*n, w, C): with stride == kernel the release's unfold is this view
+        x = rearrange(x, "s (n w) c -> (s n) w c", w=w)  # the windows: with stride == kernel, the release's unfold
         query = self.speech_query_tokens.expand(S * n, -1, -1)  # (S*n, Q, hidden): the same queries in every window
         return self.speech_Qformer.bert(query, x)
 
     def forward(self, encoder_out):
         S = encoder_out.size(0)
         x = self.final_linear(self.speech_llama_proj(self.query_states(encoder_out)))  # (S*n, Q, D)
-        x = x.reshape(S, -1, x.size(-1))  # (S, n*Q, D)
+        x = rearrange(x, "(s n) q d -> s (n q) d", s=S)  # each segment's windows' queries, in order
         # not learned, added after the projection: it tells the LLM which 30 s segment a token is in
         x = x + segment_positions(S, x.size(-1)).to(x.device, x.dtype)[:, None, :]
-        return x.reshape(-1, x.size(-1))  # (S*n*Q, D)
+        return rearrange(x, "s t d -> (s t) d")
 
 
 # -----------------------------------------------------------------------------
@@ -213,12 +214,12 @@ class WhisperQFormer(WhisperEncoder):
 
     def tokens(self, feats):
         """Whisper features (S, T, d_model) -> audio tokens (S, T // window * num_query, llm_dim)."""
-        S, T, C = feats.shape
+        S, T, _ = feats.shape
         w = self.qcfg.window
         n = T // w  # the authors' F.unfold drops a trailing partial window
-        x = feats[:, :n * w].reshape(S * n, w, C)  # (S*n, w, C): with stride == kernel their unfold is this view
+        x = rearrange(feats[:, :n * w], "s (n w) c -> (s n) w c", w=w)  # the windows: with stride == kernel, their unfold
         q = self.qformer.bert(self.q_tokens.expand(S * n, -1, -1), x)  # (S*n, Q, hidden)
-        return self.audio_proj(q).reshape(S, n * self.qcfg.num_query, -1)
+        return rearrange(self.audio_proj(q), "(s n) q d -> s (n q) d", s=S)
 
     def forward(self, mel):
         return self.tokens(self.features(mel))
