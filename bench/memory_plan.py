@@ -204,6 +204,12 @@ def merger_saved(cfg, patches, b=BF16):
     return 4 * patches * cfg.vision.hidden_size * b
 
 
+def scatter_masks_saved(tokens, kinds):
+    """Bytes of the bool masks (1, L, 1) that the 2+ embedding's masked_scatter saves, one for each kind of placed
+    tokens (video, audio), whose source trains (the merger, the Q-Former) and so needs the mask in backward."""
+    return kinds * tokens
+
+
 def plus_audio_saved(cfg, segments, b=BF16):
     """Bytes of the 2+ audio path: the cached Whisper features (S, 1500, Ca) bf16, which every cross-attention key
     and value Linear reads as they are (no ln_speech before them: nothing new to save); the query path, one token
@@ -226,7 +232,7 @@ def plan(cfg, world, tokens, lora_r=128, lora_targets=("q_proj", "k_proj", "v_pr
         patches = -(-frames // cfg.vision.temporal_patch_size) * grid_patches
         # the cached ViT features, alive all step as the batch's input, and what the merger saves
         visual = patches * cfg.vision.hidden_size * BF16 + merger_saved(cfg, patches)
-        audio = plus_audio_saved(cfg, audio_segments)
+        audio = plus_audio_saved(cfg, audio_segments) + scatter_masks_saved(tokens, (frames > 0) + (audio_segments > 0))
     else:
         projector_trains = any(any(t in "projector." + n for t in trainable) for n, _ in model.projector.named_parameters())
         visual = projector_saved(cfg, frames) if projector_trains else frames * cfg.vision.grid ** 2 * cfg.vision.hidden_size * BF16

@@ -167,7 +167,8 @@ PLUS_ARCH = dict(  # a tiny 2+: the 7B's classes and trainable set
 
 @pytest.mark.parametrize("targets,dropout", [(("q_proj", "k_proj", "v_proj"), 0.05)], ids=["released"])
 def test_plus_activation_formula_equals_the_saved_tensors(targets, dropout):
-    """2+, as the v1 test above: the LLM's saved tensors and the merger's (the 2+ visual path) equal the formula."""
+    """2+, as the v1 test above: the LLM's saved tensors, the merger's (the 2+ visual path) and the mask that places
+    the video tokens equal the formula."""
     from model_plus import PlusConfig, VideoSALMONN2Plus
     torch.manual_seed(0)
     cfg = PlusConfig.from_dict(PLUS_ARCH)
@@ -182,9 +183,9 @@ def test_plus_activation_formula_equals_the_saved_tensors(targets, dropout):
     measured, (nll, _) = saved_bytes(lambda: model([ex]), list(model.parameters()))
     L = 2 + t * h * w // 4 + 6 + response
     formula = (mp.llm_saved(cfg.llm, L, response, R, targets, dropout, False, mask_bytes=2)
-               + mp.merger_saved(cfg, t * h * w))
+               + mp.merger_saved(cfg, t * h * w) + mp.scatter_masks_saved(L, 1))
     print(f"saved for backward: measured {measured:,} bytes, formula {formula:,} bytes")
-    assert formula == pytest.approx(measured, rel=0.02)
+    assert formula == measured
     nll.backward()
 
 
