@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 
+from engine import Engine, KVCache, Request, draw_noise, sample_next, trim
 from encoders import CHUNK_LENGTH, SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder, init_normal
 from qformer import AudioAligner, QFormerConfig
 
@@ -60,10 +62,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """cos, sin of shape (T, head_dim) for the half-split rotation (rotate_half), computed in fp32."""
+    """cos, sin of shape (..., T, head_dim) for the half-split rotation (rotate_half) of positions (..., T), in fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -167,34 +169,39 @@ class Qwen2Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(cache, KVBuffer):  # generation: append in place
-            k, v = cache.append(k, v)
-        elif cache is not None:
-            # a batch-1 prefix (one video) serves B continuations: expand is a view, and its
-            # backward sums the B gradients into the one prefix
-            pk, pv = (t.expand(B, -1, -1, -1) if t.size(0) == 1 else t for t in cache)
-            k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)  # (B, nkv, P+T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if cache is not None:  # a KV (concatenated) or one layer of an engine.KVCache (written in place)
+            k, v = cache.update(k, v)
+        if mask is not None and T == 1 and self.n_kv != self.n_head:
+            # masked GQA would fall back to SDPA's math kernel, which copies each KV head for its query heads;
+            # with one query per row, the heads sharing a KV head become that head's query rows instead
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_head, 1, self.hd)  # (B, nh, 1, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None and T > 1,
+                                               enable_gqa=self.n_kv != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.o_proj(y), cache if isinstance(cache, KVBuffer) else (k, v)
+        return self.o_proj(y), KV(k, v)
 
 
-class KVBuffer:
-    """One layer's keys and values during generation, in buffers sized for all of it: a decode step writes its
-    position in place, where torch.cat would copy the whole cache (the long video prefix, n times) every step."""
+class KV(NamedTuple):
+    """One layer's keys and values from a forward pass, each (B or 1, n_kv, P, hd): the cache a later pass continues,
+    every row at the same length P (training, scoring). engine.KVCache is the other kind: rows of their own lengths."""
+    k: torch.Tensor
+    v: torch.Tensor
 
-    def __init__(self, k, v, n, extra):  # k, v: (1 or n, nkv, P, hd) from the prefill
-        self.k = k.new_empty(n, k.size(1), k.size(2) + extra, k.size(3))  # (n, nkv, P + extra, hd)
-        self.v = torch.empty_like(self.k)
-        self.k[:, :, :k.size(2)], self.v[:, :, :k.size(2)], self.len = k, v, k.size(2)
+    def positions(self, T):
+        return torch.arange(self.k.size(2), self.k.size(2) + T, device=self.k.device)  # (T,)
 
-    def append(self, k, v):
-        """Write (n, nkv, T, hd) after what is there; returns all keys and values so far (views)."""
-        T = k.size(2)
-        self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
-        self.len += T
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+    def mask(self, T):
+        # SDPA's is_causal aligns to the top-left; after a prefix of P the diagonal sits P columns right
+        P = self.k.size(2)
+        return torch.ones(T, P + T, dtype=torch.bool, device=self.k.device).tril(P) if T > 1 else None
+
+    def update(self, k, v):
+        # a batch-1 prefix (one video) serves B continuations: expand is a view, and its
+        # backward sums the B gradients into the one prefix
+        pk, pv = (t.expand(k.size(0), -1, -1, -1) if t.size(0) == 1 else t for t in self)
+        return torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)  # (B, nkv, P+T, hd)
 
 
 class Qwen2MLP(nn.Module):
@@ -224,8 +231,8 @@ class Qwen2Block(nn.Module):
 
 
 class Qwen2(nn.Module):
-    """Qwen2 decoder. forward(idx) -> (logits, cache); a cache is a list of per-layer (k, v),
-    each (B or 1, n_kv, T_past, head_dim)."""
+    """Qwen2 decoder. forward(idx) -> (logits, cache); a cache is a list of per-layer KV (k, v),
+    each (B or 1, n_kv, T_past, head_dim), or an engine.KVCache."""
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -247,19 +254,19 @@ class Qwen2(nn.Module):
     def head(self, h):
         return F.linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
-    def hidden(self, embeds, cache=None, start_pos=None, use_cache=False, position_ids=None):
-        """Final-normed hidden states (B, T, C) of input embeddings; positions continue the cache, or are
-        position_ids (3, B, T) of M-RoPE (time, height, width)."""
-        T, P = embeds.size(1), (cache[0].len if isinstance(cache[0], KVBuffer) else cache[0][0].size(2)) if cache else 0
+    def hidden(self, embeds, cache=None, use_cache=False, position_ids=None):
+        """Final-normed hidden states (B, T, C) of input embeddings; with use_cache also the per-layer KV. Positions
+        and the attention mask continue the cache, a KV list (every row from its length) or a KVCache (each row
+        from its own, written in place; the caller moves its lengths on); or positions are position_ids (3, B, T)
+        of M-RoPE (time, height, width)."""
+        T = embeds.size(1)
+        mask = cache[0].mask(T) if cache else None
         if position_ids is None:
-            start_pos = P if start_pos is None else start_pos
-            pos = torch.arange(start_pos, start_pos + T, device=embeds.device)
+            pos = cache[0].positions(T) if cache else torch.arange(T, device=embeds.device)  # (T,), or (B, T) per row
             cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         else:
             cos, sin = mrope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, embeds.dtype)
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): one rotation for every head
-        # SDPA's is_causal aligns to the top-left; after a prefix of P the diagonal sits P columns right
-        mask = torch.ones(T, P + T, dtype=torch.bool, device=embeds.device).tril(P) if P and T > 1 else None
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (1, T, hd) or (B, 1, T, hd): one rotation for every head
         x, new_cache = embeds, []
         for i, block in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():  # recompute in backward
@@ -270,54 +277,43 @@ class Qwen2(nn.Module):
                 new_cache.append(kv)
         return self.norm(x), (new_cache if use_cache else None)
 
-    def forward(self, idx=None, embeds=None, cache=None, start_pos=None, use_cache=False, position_ids=None):
+    def forward(self, idx=None, embeds=None, cache=None, use_cache=False, position_ids=None):
         embeds = self.embed_tokens(idx) if embeds is None else embeds
-        h, new_cache = self.hidden(embeds, cache, start_pos, use_cache, position_ids)
+        h, new_cache = self.hidden(embeds, cache, use_cache, position_ids)
         return self.head(h), new_cache
 
     @torch.no_grad()
     def generate(self, embeds, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, greedy=False,
                  stop_ids=(), generator=None, return_logprobs=False, position_ids=None):
-        """Sample n continuations of one prompt (embeds (1, T, C)) sharing one prefill.
-        Returns a list of n token lists (each ends at its first stop id, kept) and, when asked,
-        each token's log-probability under the untempered model (n lists of floats).
-        position_ids: the prompt's M-RoPE positions (3, 1, T); new tokens are text, counting on from the last."""
-        h, cache = self.hidden(embeds, use_cache=True, position_ids=position_ids)
+        """Sample n continuations of one prompt (embeds (1, T, C)) sharing one prefill. Returns a list of n token
+        lists (each ends at its first stop id, kept) and, when asked, each token's log-probability under the
+        untempered model (n lists of floats). position_ids: the prompt's M-RoPE positions (3, 1, T); new tokens are
+        text, counting on from the last. The one-prompt reference of engine.Engine, which decodes many prompts
+        together and returns the same tokens: each step draws its noise (n, V) from the generator while a row lives."""
+        h, prefix = self.hidden(embeds, use_cache=True, position_ids=position_ids)
+        cache = KVCache(prefix, n, embeds.size(1) + max_new_tokens)
         shift = 0 if position_ids is None else int(position_ids[0, 0, -1]) + 1 - embeds.size(1)  # position - cache slot
-        cache = [KVBuffer(k, v, n, max_new_tokens) for k, v in cache]
-        logits = self.head(h[:, -1]).expand(n, -1)  # (n, V): all n rows start from the one prefill
-        out = torch.zeros(n, 0, dtype=torch.long, device=embeds.device)
-        logps = torch.zeros(n, 0, device=embeds.device)
-        done = torch.zeros(n, dtype=torch.bool, device=embeds.device)
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=embeds.device)
+        cache.fill(list(range(n)), prefix, shift)
+        logits = self.head(h[:, -1]).float().expand(n, -1)  # (n, V): all n rows start from the one prefill
+        dev, sampled = embeds.device, not (greedy or temperature == 0)
+        temp, top = torch.full((n,), temperature, device=dev), torch.full((n,), top_p, device=dev)
+        argmax_rows = torch.zeros(n, dtype=torch.bool, device=dev)  # sample_next's per-row greedy: none when sampled
+        out, logps = [], []
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
         for _ in range(max_new_tokens):
-            tok = greedy_or_nucleus(logits.float(), temperature, top_p, greedy, generator)  # (n,)
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tok[:, None])[:, 0]
-            out, logps = torch.cat((out, tok[:, None]), 1), torch.cat((logps, lp[:, None]), 1)
+            noise = draw_noise(n, logits.size(-1), generator, dev) if sampled else None
+            tok = sample_next(logits, temp, top, argmax_rows, noise)  # (n,)
+            out.append(tok)
+            logps.append(torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0])
             done |= torch.isin(tok, stop)
-            if done.all() or out.size(1) == max_new_tokens:
+            if done.all() or len(out) == max_new_tokens:
                 break
-            logits, cache = self(tok[:, None], cache=cache, start_pos=cache[0].len + shift, use_cache=True)
-            logits = logits[:, -1]  # (n, V)
-        seqs, lps = [], []
-        for row, lp in zip(out.tolist(), logps.tolist()):
-            end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-            seqs.append(row[:end])
-            lps.append(lp[:end])
+            logits = self(tok[:, None], cache=cache)[0][:, -1].float()  # (n, V)
+            cache.lens += 1
+        rows, row_lps = (torch.stack(x, 1).tolist() if out else [[] for _ in range(n)] for x in (out, logps))
+        seqs, lps = trim(rows, row_lps, stop_ids)
         return (seqs, lps) if return_logprobs else seqs
-
-
-def greedy_or_nucleus(logits, temperature, top_p, greedy, generator=None):
-    """Next token per row of logits (N, V): argmax, or nucleus sampling (Holtzman et al.)."""
-    if greedy or temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    # keep the smallest set of tokens whose mass reaches top_p (the top token always survives)
-    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_p, 1, generator=generator)  # (N, 1), renormalises itself
-    return order.gather(1, choice)[:, 0]
 
 
 # -----------------------------------------------------------------------------

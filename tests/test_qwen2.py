@@ -122,8 +122,13 @@ def test_generate_stops_and_returns_untempered_logprobs():
 
 
 def test_nucleus_keeps_only_the_top_p_mass():
-    from model import greedy_or_nucleus
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
-    toks = greedy_or_nucleus(logits, 1.0, 0.75, False, torch.Generator().manual_seed(0))
+    from engine import draw_noise, sample_next
+    N = 4000
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(N, -1)
+    noise = draw_noise(N, 4, torch.Generator().manual_seed(0), "cpu")
+    toks = sample_next(logits, torch.ones(N), torch.full((N,), 0.75), torch.zeros(N, dtype=torch.bool), noise)
     assert set(toks.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75: tokens 2 and 3 never appear
-    assert greedy_or_nucleus(logits[:1], 1.0, 0.9, True).item() == 0
+    assert abs((toks == 0).float().mean().item() - 0.5 / 0.8) < 0.03  # drawn from the renormalised nucleus
+    greedy = torch.tensor([True, False])
+    assert sample_next(logits[:2], torch.ones(2), torch.ones(2), greedy, noise[:2])[0].item() == 0
+    assert sample_next(logits[:1], torch.ones(1), torch.ones(1), greedy[:1], None).item() == 0
