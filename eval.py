@@ -39,6 +39,7 @@ max_new_tokens = 160  # longest caption generated
 limit = 0  # items per task (0: all)
 fps = 1.0  # frames per second sampled
 max_frames = 110  # frames at most
+batch = 0  # videos decoding together (engine.py); 0: 16 on a GPU, 8 on a CPU
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # the paper's benchmarks
@@ -48,7 +49,6 @@ out_dir = "out/eval"  # per-item JSON, the released predictions format, and resu
 captions = ""  # qa_from_captions: a predictions file [{"id": [video], "pred": ...}] to use instead of generating
 matches = ""  # elo: JSONL of pairwise preferences {"a": model, "b": model, "winner": "a" | "b" | "tie"}
 caption_tokens = 1024  # longest benchmark caption, as the released eval
-batch_size = 8  # videos captioned together; each batch's captions are appended to out_dir/captions.jsonl at once
 answer_tokens = 8  # new tokens of a multiple-choice answer: a letter, maybe with a word or two around it
 use_audio = True  # False for a visual-only model (the visual base)
 caption_prompt = ""  # qa_from_captions' captions; empty: the checkpoint's trained one, else the released demo prompt
@@ -70,15 +70,22 @@ ELO_INITIAL, ELO_BASE, ELO_SCALE, ELO_K = 1000, 10, 400, 8  # Table 9
 
 
 @torch.no_grad()
-def answers(model, tok, items, c, max_new_tokens, use_audio=True):
-    """Greedy answers of the model to the items' prompts: (the items whose media could be read, their (text, whether
-    it ended with <|im_end|> rather than at the token limit)). Unreadable items are named and counted by Features."""
+def answer_stream(model, tok, items, c, max_new_tokens, use_audio=True):
+    """Greedy answers of the model to the items' prompts, many decoding together (model.stream): yields (k, item,
+    (text, whether it ended with <|im_end|> rather than at the token limit)) as each is done, k counting the items
+    whose media could be read. Unreadable items are named and counted by Features."""
     dev = next(model.parameters()).device
     data = Features(model, tok, items, fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"],
                     use_audio=use_audio, responses=False)
-    ids = model.generate([data.example(i, dev)[:2] for i in range(len(data.items))], max_new_tokens=max_new_tokens,
-                         greedy=True, stop_ids=(tok.token_to_id("<|im_end|>"),))
-    return data.items, [decode_response(tok, x[0]) for x in ids]
+    for k, ids in model.stream((data.example(i, dev)[:2] for i in range(len(data.items))), batch=c["batch"],
+                               max_new_tokens=max_new_tokens, greedy=True, stop_ids=(tok.token_to_id("<|im_end|>"),)):
+        yield k, data.items[k], decode_response(tok, ids[0])
+
+
+def answers(model, tok, items, c, max_new_tokens, use_audio=True):
+    """answer_stream's answers in order: (the items whose media could be read, their answers)."""
+    done = sorted(answer_stream(model, tok, items, c, max_new_tokens, use_audio), key=lambda x: x[0])
+    return [it for _, it, _ in done], [a for _, _, a in done]
 
 
 def wer(ref, hyp):
@@ -148,7 +155,7 @@ def say_dropped(task, total, reasons):
 def caption_benchmark(load, c):
     """The released caption benchmark: a greedy caption per video, judged JUDGE_RUNS times against the atomic events
     with seeds SEED, SEED + 1, ...; the run with the median Total is reported, its rates over the items it judged.
-    Each batch's captions go to out_dir/captions.jsonl as they are made, and a rerun continues from that file."""
+    Each caption goes to out_dir/captions.jsonl as soon as it is made, and a rerun continues from that file."""
     listed = read_manifest(c["manifest"])
     items = [it for it in listed if it.get("events")][:c["limit"] or None]
     ids = [str(it.get("id") or video_id(it["video"], c)) for it in items]
@@ -161,16 +168,15 @@ def caption_benchmark(load, c):
     if todo:
         model, tok = load()
         os.makedirs(c["out_dir"], exist_ok=True)
-        for start in range(0, len(todo), c["batch_size"]):
-            batch = todo[start:start + c["batch_size"]]
-            kept, outs = answers(model, tok, batch, c, c["caption_tokens"], c["use_audio"])
-            unreadable += len(batch) - len(kept)
-            with open(path, "a", encoding="utf-8") as f:
-                for it, (text, ended) in zip(kept, outs):
-                    rec = {"id": str(it.get("id") or video_id(it["video"], c)), "video": video_id(it["video"], c),
-                           "prompt": it["prompt"], "prediction": text, "truncated": not ended}
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    made[rec["id"]] = rec
+        unreadable = len(todo)
+        with open(path, "a", encoding="utf-8") as f:
+            for _, it, (text, ended) in answer_stream(model, tok, todo, c, c["caption_tokens"], c["use_audio"]):
+                rec = {"id": str(it.get("id") or video_id(it["video"], c)), "video": video_id(it["video"], c),
+                       "prompt": it["prompt"], "prediction": text, "truncated": not ended}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+                made[rec["id"]] = rec
+                unreadable -= 1
     say_dropped("captions", len(listed), {"without events": sum(not it.get("events") for it in listed),
                                           "unreadable (named above)": unreadable})
     done = [(it, made[i]) for i, it in zip(ids, items) if i in made]

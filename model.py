@@ -507,23 +507,36 @@ class VideoSALMONN2(nn.Module):
         pieces = [emb(torch.tensor(before_ids, device=dev)), av.to(emb.weight.dtype), emb(torch.tensor(after_ids, device=dev))]
         return torch.cat(pieces)[None]
 
-    @torch.no_grad()
-    def sample(self, feats, prompt_ids, n=1, **generate_kw):
-        """n captions of one video from its cached features (vision, audio, frame times, duration) and
-        the prompt's (before, after) token ids; generate_kw as Qwen2.generate."""
+    def prefix(self, feats, prompt_ids):
+        """The LLM input of one video's cached features (vision, audio, frame times, duration) inside the prompt's
+        (before, after) token ids: (embeds (1, P, D), None: plain positions)."""
         dt = self.llm.embed_tokens.weight.dtype  # cached features may be fp32 where the model runs in bf16
         vis, aud, times, duration = feats
         feats = (None if vis is None else vis.to(dt), None if aud is None else aud.to(dt), times, duration)
-        embeds = self.prompt_embeds(prompt_ids[0], self.av_tokens(*feats), prompt_ids[1])
-        return self.llm.generate(embeds, n=n, **generate_kw)
+        return self.prompt_embeds(prompt_ids[0], self.av_tokens(*feats), prompt_ids[1]), None
 
     @torch.no_grad()
-    def generate(self, examples, n=1, generators=None, **generate_kw):
-        """n samples for each of many videos: examples are (features, prompt ids) as sample takes them; generators
-        one torch.Generator per example (its sampling draws) or None. A list per example as sample returns it."""
-        generators = generators or [None] * len(examples)
-        return [self.sample(feats, prompt_ids, n=n, generator=g, **generate_kw)
-                for (feats, prompt_ids), g in zip(examples, generators)]
+    def sample(self, feats, prompt_ids, n=1, **generate_kw):
+        """n captions of one video alone (the reference of generate); generate_kw as Qwen2.generate."""
+        embeds, pos = self.prefix(feats, prompt_ids)
+        return self.llm.generate(embeds, n=n, position_ids=pos, **generate_kw)
+
+    def stream(self, examples, n=1, generators=None, batch=0, **generate_kw):
+        """n samples for each of many videos, decoding together (engine.py, `batch` rows; 0: its default): yields
+        (index, samples) as each video's samples finish. examples: (features, prompt ids) as sample takes them, any
+        iterable, read only as rows free up; generators: one torch.Generator per example (its sampling draws) or
+        None. Each video's samples are what sample returns for it alone with its generator. Both families use it:
+        all it needs of the model is prefix and llm."""
+        def requests():
+            for k, (feats, prompt_ids) in enumerate(examples):
+                embeds, pos = self.prefix(feats, prompt_ids)
+                yield Request(embeds, n, generator=generators[k] if generators else None, position_ids=pos, **generate_kw)
+        return Engine(self.llm, batch).run(requests())
+
+    def generate(self, examples, n=1, generators=None, batch=0, **generate_kw):
+        """stream's samples, a list per example in order."""
+        out = dict(self.stream(examples, n, generators, batch, **generate_kw))
+        return [out[k] for k in range(len(out))]
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):

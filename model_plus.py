@@ -243,21 +243,16 @@ class VideoSALMONN2Plus(nn.Module):
         nll = F.cross_entropy(self.llm.head(hs[real]).float(), ids[real], reduction="none")
         return -torch.zeros(N, device=ids.device).index_add(0, real.nonzero()[:, 0], nll), lengths
 
-    @torch.no_grad()
-    def sample(self, feats, prompt_ids, n=1, **generate_kw):
-        """n answers to one item's prompt from its cached features; generate_kw as Qwen2.generate. The prompt
-        is prefilled at the training positions and the new tokens count on as text."""
+    def prefix(self, feats, prompt_ids):
+        """The LLM input of one item's cached features inside the prompt's (before, after) ids: (embeds (1, P, D),
+        its M-RoPE positions (3, 1, P)) at the training positions; new tokens count on as text."""
         dt = self.llm.embed_tokens.weight.dtype  # cached features may be fp32 where the model runs in bf16
         vis, aud, times, duration = feats
         feats = (None if vis is None else vis.to(dt), None if aud is None else aud.to(dt), times, duration)
-        embeds, pos, _ = self.embed_sequence(feats, prompt_ids, [])
-        return self.llm.generate(embeds, n=n, position_ids=pos, **generate_kw)
+        return self.embed_sequence(feats, prompt_ids, [])[:2]
 
-    @torch.no_grad()
-    def generate(self, examples, n=1, generators=None, **generate_kw):
-        """n samples for each of many items: examples are (features, prompt ids) as sample takes them."""
-        generators = generators or [None] * len(examples)
-        return [self.sample(feats, prompt_ids, n=n, generator=g, **generate_kw) for (feats, prompt_ids), g in zip(examples, generators)]
+    # one item alone, and many decoding together (engine.py): the same as video-SALMONN 2's, on prefix
+    sample, stream, generate = VideoSALMONN2.sample, VideoSALMONN2.stream, VideoSALMONN2.generate
 
     def save_pretrained(self, path, state=None, max_shard_bytes=None):
         """The authors' full layout, loadable by from_pretrained (and by their code, the config aside)."""

@@ -54,6 +54,7 @@ val_items = 0  # validation captions evaluated after each round (0: all)
 temperature = 1.0  # sampling temperature
 top_p = 0.9  # nucleus mass, as released
 max_new_tokens = 160  # caption length limit while sampling (1024 for the 7B model)
+sample_batch = 0  # captions decoding together while sampling and evaluating (engine.py); 0: 16 on a GPU, 8 on a CPU
 lora_r = 128  # the proxy: as the SFT LoRA
 lora_alpha = 256
 lora_dropout = 0.0  # dropout would make the round-start policy differ from its own reference
@@ -137,8 +138,9 @@ def judge_sample(text, item, judge, finished):
 
 @torch.no_grad()
 def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge):
-    """Phases 2-3 for this rank's videos, appended to samples_rank{r}.jsonl; finished videos are skipped.
-    The LLM judge's answers are cached, so a crash while judging asks nothing twice."""
+    """Phases 2-3 for this rank's videos, decoding together (model.stream); each video's samples, judgments and
+    reference log-probs are appended to samples_rank{r}.jsonl as soon as its samples finish, and videos already there
+    are skipped. The LLM judge's answers are cached, so a crash while judging asks nothing twice."""
     path = os.path.join(rdir, f"samples_rank{rank}.jsonl")
     done = {r["i"] for r in read_records(path)}  # a cut-off last line is dropped there, and its video sampled again
     stop, dev = (tok.token_to_id("<|im_end|>"),), next(model.parameters()).device
@@ -146,26 +148,33 @@ def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge):
     videos = [i for i, it in enumerate(data.items) if it.get("task") == "caption"]
     if c["videos_per_round"]:
         videos = sorted(random.Random(c["seed"] + t).sample(videos, min(c["videos_per_round"], len(videos))))
+    todo = [i for i in videos[rank::world_size] if i not in done]
     if done:
         print(f"round {t}: sampling resumed, {len(done)} of {len(videos[rank::world_size])} videos already sampled and "
               f"judged ({path})", flush=True)
-    for i in videos[rank::world_size]:
-        if i in done:
-            continue
-        g = torch.Generator(dev).manual_seed(c["seed"] * 1_000_003 + t * 10_007 + i)  # per video: resumes exactly
-        feats, prompt_ids, _ = data.example(i, dev)
-        with autocast(dev, c["dtype"]):  # as in training, so the reference log-probs are the policy's at step 0
-            ids = model.sample(feats, prompt_ids, n=c["samples_per_video"], max_new_tokens=c["max_new_tokens"],
-                               temperature=c["temperature"], top_p=c["top_p"], stop_ids=stop, generator=g)
-            ref, _ = model.continuation_logps(feats, prompt_ids, ids)  # the reference: the round-start model
-        texts = [decode_response(tok, s)[0] for s in ids]
-        try:
-            judged = [judge_sample(x, data.items[i], judge, s[-1] in stop) for x, s in zip(texts, ids)]
-        except JudgeError as e:  # not written: a rerun of the round asks again (the judge's cache keeps the rest)
-            print(f"round {t}: left out of the pairs: {e}", flush=True)
-            continue
-        append(path, {"i": i, "samples": [{"ids": s, "text": x, "ref": r, **j}
-                                          for s, x, r, j in zip(ids, texts, ref.tolist(), judged)]})
+    # per video, so a video's samples do not depend on which others decode beside it: a resumed round draws the same
+    generators = [torch.Generator(dev).manual_seed(c["seed"] * 1_000_003 + t * 10_007 + i) for i in todo]
+    live = {}  # the examples decoding, kept for their reference log-probs
+
+    def examples():  # read as the engine has rows free
+        for i in todo:
+            live[i] = data.example(i, dev)[:2]
+            yield live[i]
+    # under autocast as in training, so the reference log-probs are the policy's at step 0
+    with autocast(dev, c["dtype"]):
+        for k, ids in model.stream(examples(), n=c["samples_per_video"], generators=generators, batch=c["sample_batch"],
+                                   max_new_tokens=c["max_new_tokens"], temperature=c["temperature"], top_p=c["top_p"],
+                                   stop_ids=stop):
+            i = todo[k]
+            ref, _ = model.continuation_logps(*live.pop(i), ids)  # the reference: the round-start model
+            texts = [decode_response(tok, s)[0] for s in ids]
+            try:
+                judged = [judge_sample(x, data.items[i], judge, s[-1] in stop) for x, s in zip(texts, ids)]
+            except JudgeError as e:  # not written: a rerun of the round asks again (the judge's cache keeps the rest)
+                print(f"round {t}: left out of the pairs: {e}", flush=True)
+                continue
+            append(path, {"i": i, "samples": [{"ids": s, "text": x, "ref": r, **j}
+                                              for s, x, r, j in zip(ids, texts, ref.tolist(), judged)]})
 
 
 def round_pairs(rdir, t, c, data):
@@ -268,8 +277,8 @@ def evaluate_round(model, tok, c, judge, split, rank, world_size):
     data = Features(model, tok, items[rank::world_size], fps=c["fps"], max_frames=c["max_frames"],
                     cache_dir=c["cache_dir"], responses=False)
     with autocast(dev, c["dtype"]):
-        ids = model.generate([data.example(i, dev)[:2] for i in range(len(data.items))], max_new_tokens=c["max_new_tokens"],
-                             greedy=True, stop_ids=(tok.token_to_id("<|im_end|>"),))
+        ids = model.generate((data.example(i, dev)[:2] for i in range(len(data.items))), batch=c["sample_batch"],
+                             max_new_tokens=c["max_new_tokens"], greedy=True, stop_ids=(tok.token_to_id("<|im_end|>"),))
     outs = [(it, *decode_response(tok, x[0])) for it, x in zip(data.items, ids)]
     if world_size > 1:
         shares = [None] * world_size

@@ -224,13 +224,19 @@ def test_caption_cli_greedy_equals_naive_greedy(tiny_checkpoint, tmp_path):
     video = write_video(tmp_path / "v.mp4", 3)
     out = run_caption(f"--ckpt={tiny_checkpoint}", f"--video={video}", "--greedy", "--max_new_tokens=6")
     assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == caption_alone(tiny_checkpoint, video, 6)  # one video, no --out: the caption alone
+
+
+def caption_alone(ckpt, video, max_new_tokens):
+    """The naive greedy caption of one video, with the prompt caption.py asks without --prompt."""
     from data import encode_prompt, load_tokenizer, load_video
-    m, tok = VideoSALMONN2.from_pretrained(tiny_checkpoint).eval(), load_tokenizer(str(tiny_checkpoint))
+    m, tok = VideoSALMONN2.from_pretrained(ckpt).eval(), load_tokenizer(str(ckpt))
     media = load_video(video, image_size=8, n_mels=80, segment_seconds=2.0)
     prompt = checkpoint.DEMO_PROMPT  # no --prompt, and the checkpoint says none: the released demo prompt
     ids = naive_greedy(m, (*m.encode(media.frames, media.mel), media.times, media.duration), encode_prompt(tok, prompt),
-                       6, tok.token_to_id("<|im_end|>"))
-    assert len(ids) >= 1 and out.stdout.strip() == tok.decode(ids, skip_special_tokens=True).strip()
+                       max_new_tokens, tok.token_to_id("<|im_end|>"))
+    assert len(ids) >= 1
+    return tok.decode(ids, skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("content", [None, b"", b"\x00garbage" * 100])
@@ -239,8 +245,35 @@ def test_caption_cli_bad_video_exits_2_naming_it(tiny_checkpoint, tmp_path, cont
     if content is not None:
         video.write_bytes(content)
     out = run_caption(f"--ckpt={tiny_checkpoint}", f"--video={video}")
-    assert out.returncode == 2
+    assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and "bad.mp4" in out.stderr
+
+
+def test_caption_cli_folder_skips_unreadable_and_resumes(tiny_checkpoint, tmp_path):
+    """A folder: one JSON line per readable video, each the video's caption alone; the unreadable one named once on
+    stderr; a second run after a crash (a line lost, the last one torn) captions only what is missing."""
+    folder = tmp_path / "videos"
+    (folder / "sub").mkdir(parents=True)
+    videos = [write_video(folder / "a.mp4", 2), write_video(folder / "sub" / "b.mkv", 3, tone=None), write_video(folder / "c.mp4", 4)]
+    (folder / "broken.mp4").write_bytes(b"\x00garbage" * 100)
+    (folder / "notes.txt").write_text("not a video")
+    out_file = tmp_path / "captions.jsonl"
+    args = (f"--ckpt={tiny_checkpoint}", f"--video={folder}", f"--out={out_file}", "--greedy", "--max_new_tokens=5", "--batch=2")
+    first = run_caption(*args)
+    assert first.returncode == 2, first.stderr
+    assert [x for x in first.stderr.splitlines() if "error" in x] == [x for x in first.stderr.splitlines() if "broken.mp4" in x]
+    assert len([x for x in first.stderr.splitlines() if "broken.mp4" in x]) == 1
+    rows = {r["video"]: r for r in map(json.loads, out_file.read_text().splitlines())}
+    assert sorted(rows) == sorted(map(str, videos)) and all(r["seconds"] > 0 for r in rows.values())
+    assert rows[str(videos[1])]["caption"] == caption_alone(tiny_checkpoint, videos[1], 5)  # as alone
+
+    kept = [json.dumps(rows[str(v)]) for v in (videos[0], videos[2])]
+    out_file.write_text(kept[0] + "\n" + kept[1] + "\n" + '{"video": "' + str(videos[1])[:10])  # b lost, a torn line
+    second = run_caption(*args)
+    assert second.returncode == 2, second.stderr  # the broken file is tried again, and named again
+    again = [json.loads(x) for x in out_file.read_text().splitlines()]
+    assert [json.dumps(r) for r in again[:2]] == kept  # untouched: not captioned again
+    assert len(again) == 3 and again[2]["video"] == str(videos[1]) and again[2]["caption"] == rows[str(videos[1])]["caption"]
 
 
 def test_response_nll_equals_full_forward_cross_entropy():

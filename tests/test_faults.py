@@ -142,7 +142,7 @@ def test_caption_benchmark_keeps_each_caption_continues_and_never_reports_no_jud
         {"video": "c.mp4", "prompt": "Describe."}]))  # no events: not a benchmark item
     out_dir, env = tmp_path / "out", {"OPENAI_BASE_URL": f"http://127.0.0.1:{server.server_port}/v1", "OPENAI_API_KEY": "t"}
     args = ["eval.py", "--task=captions", f"--ckpt={tiny_checkpoint}", f"--manifest={manifest}", f"--out_dir={out_dir}",
-            f"--cache_dir={tmp_path / 'cache'}", "--caption_tokens=4", "--batch_size=1", "--judge_model=test-judge"]
+            f"--cache_dir={tmp_path / 'cache'}", "--caption_tokens=4", "--batch=1", "--judge_model=test-judge"]
     # b's first request outlasts the 0.5 s time-out and is asked again; every other one of b's is rejected
     server.answer = lambda body: answer_text(0, 0, 0)
     server.faulty = lambda body: "A high tone plays." in body["messages"][1]["content"]

@@ -227,9 +227,33 @@ def mrdpo_config(toy, out, **kw):
              lora_targets=("q_proj", "k_proj", "v_proj"), trainable=("lora_",), batch_size=2, warmup_ratio=0.0,
              weight_decay=0.0, grad_clip=1.0, activation_checkpointing=False, judge="toy", fps=1.0, max_frames=110, cache_dir=str(toy / "cache"),
              out_dir=str(out), results=str(out / "results.json"), log_every=1, ckpt_every=2,
-             seed=5, device="cpu", dtype="float32", thresholds=((-1.0, -1.0),), max_bad_steps=10)
+             seed=5, device="cpu", dtype="float32", thresholds=((-1.0, -1.0),), max_bad_steps=10, sample_batch=4)
     c.update(kw)
     return c
+
+
+def test_round_samples_are_each_videos_alone(toy, tmp_path):
+    """MrDPO samples many videos decoding together (model.stream); each video's samples and reference log-probs
+    are those of sampling it alone (model.sample) with its own seed, so the pairs do not depend on the batch."""
+    from data import Features, read_manifest
+    c = mrdpo_config(toy, tmp_path, sample_batch=5)
+    model, tok = train_mrdpo.round_model(c, torch.device("cpu"), 0)
+    start_round(model, c, 1)
+    items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
+    data = Features(model, tok, items, 0, 1, c["fps"], c["max_frames"], c["cache_dir"])
+    train_mrdpo.sample_and_judge(model, tok, data, str(tmp_path), c, 1, 0, 1, ToyJudge())
+    records = [json.loads(x) for x in (tmp_path / "samples_rank0.jsonl").read_text().splitlines()]
+    assert sorted(r["i"] for r in records) == [i for i, it in enumerate(data.items) if it["task"] == "caption"]
+    for r in records:
+        feats, prompt_ids, _ = data.example(r["i"], "cpu")
+        g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + 1 * 10_007 + r["i"])  # the video's own seed, round 1
+        alone = model.sample(feats, prompt_ids, n=2, max_new_tokens=c["max_new_tokens"], temperature=c["temperature"],
+                             top_p=c["top_p"], stop_ids=(tok.token_to_id("<|im_end|>"),), generator=g)
+        assert [s["ids"] for s in r["samples"]] == alone
+        with torch.no_grad():
+            ref = model.continuation_logps(feats, prompt_ids, alone)[0]
+        assert torch.allclose(torch.tensor([s["ref"] for s in r["samples"]]), ref, atol=1e-5)
+    assert 2 * len(records) > c["sample_batch"]  # more videos than the rows hold at once: slots were refilled
 
 
 def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch, capsys):
@@ -253,7 +277,9 @@ def test_rounds_run_and_every_phase_resumes(toy, tmp_path, monkeypatch, capsys):
         os.remove(out / "round2" / f)
     (out / "round2" / "samples_rank0.jsonl").write_text("\n".join(samples[:4]) + "\n")
     train_mrdpo.main(c)
-    assert (out / "round2" / "samples_rank0.jsonl").read_text().splitlines() == samples
+    again = (out / "round2" / "samples_rank0.jsonl").read_text().splitlines()
+    assert again[:4] == samples[:4] and sorted(again) == sorted(samples)  # the same records; videos decoding
+    # together finish in an order that depends on which share the engine's rows
     for k, v in load_file(str(out / "round2" / "proxy.safetensors")).items():
         assert torch.allclose(v, proxy2[k], atol=1e-6), k
 
