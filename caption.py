@@ -42,7 +42,7 @@ max_new_tokens = 1024  # caption length limit, as released
 fps = 1.0  # frames per second sampled (2+: 10)
 max_frames = 110  # a longer video gives this many frames spread over its length (2+: 768)
 seed = 2024  # sampling seed of every video
-batch = 0  # captions decoding together (engine.py); 0: 16 on a GPU, 8 on a CPU
+batch = 0  # captions decoding together (engine.py); 0: 8 on a CPU, on a GPU as many as its free memory holds
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------

@@ -78,28 +78,36 @@ class KVCache:
         self.lens[idx], self.offset[idx] = P, offset
 
 
-def default_batch(device):
-    """Rows decoding together by default: decode reads all the weights a step, so on a GPU rows are nearly free
-    until their KV caches (about 1.2 GB each for a 7B model and a 21,000-token video) fill its memory."""
-    return 16 if torch.device(device).type == "cuda" else 8
+def default_batch(prefix, max_len, most=32):
+    """Rows decoding together by default, from the first request's prefill KV and the cache length: on a CPU 8; on a
+    GPU, where decode reads all the weights every step and rows come nearly free, as many as fit in 80 % of its free
+    memory (a 7B model's row for a 21,000-token video is about 1.2 GB), at most `most`."""
+    k = prefix[0][0]
+    if k.device.type != "cuda":
+        return 8
+    row = 2 * len(prefix) * k.size(1) * max_len * k.size(3) * k.element_size()  # keys and values, every layer
+    return max(1, min(most, int(0.8 * torch.cuda.mem_get_info(k.device)[0]) // row))
 
 
 def sample_next(logits, temperature, top_p, greedy, noise):
     """Next token of each row of logits (N, V) fp32: argmax where greedy (N,) is set, else nucleus sampling (Holtzman
     et al.) at the row's temperature (N,) and top_p (N,), drawn with noise (N, V) ~ Exp(1): the argmax of p / noise is a
-    draw from p (the exponential race; torch.multinomial draws one sample this way). noise is None when all are greedy."""
+    draw from p (the exponential race, as torch.multinomial draws one sample). noise is None when all are greedy.
+    The noise belongs to token ids, not to sorted positions: two near-equal probabilities that sort the other way in
+    another batch (float sums in another order) then cannot trade their draws, so rows decoding together draw what
+    each alone draws unless a draw is within rounding of a tie."""
     if noise is None:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     # keep the smallest set of tokens whose mass reaches top_p (the top token always survives)
     drop = sorted_p.cumsum(-1) - sorted_p >= top_p[:, None]
-    choice = (sorted_p.masked_fill(drop, 0.0) / noise).argmax(-1, keepdim=True)  # (N, 1)
-    return torch.where(greedy, logits.argmax(-1), order.gather(1, choice)[:, 0])
+    drop = torch.zeros_like(drop).scatter(1, order, drop)  # (N, V) in token order
+    return torch.where(greedy, logits.argmax(-1), (probs.masked_fill(drop, 0.0) / noise).argmax(-1))
 
 
 def draw_noise(n, vocab, generator, device):
-    """One step's noise for the n samples of one request: the only draw from its generator."""
+    """One step's noise for the n samples of one request, one Exp(1) per token: the only draw from its generator."""
     return torch.empty(n, vocab, device=device).exponential_(generator=generator)
 
 
@@ -145,12 +153,13 @@ class Job:  # an admitted request: its rows' slots and what they have decoded
 
 
 class Engine:
-    """Decodes up to `batch` rows at once (0: default_batch of the LLM's device). run(requests) yields (index, result)
-    as each request finishes; generate(requests) returns the results in order. A result is what Qwen2.generate returns
-    for the request alone: n token lists (each ends at its first stop id, kept), with return_logprobs their log-probs."""
+    """Decodes up to `batch` rows at once (0: default_batch, set at the first request). run(requests) yields
+    (index, result) as each request finishes; generate(requests) returns the results in order. A result is what
+    Qwen2.generate returns for the request alone: n token lists (each ends at its first stop id, kept), with
+    return_logprobs also their log-probs."""
 
     def __init__(self, llm, batch=0, compile=False):
-        self.llm, self.batch = llm, batch or default_batch(llm.embed_tokens.weight.device)
+        self.llm, self.batch = llm, batch
         # shapes (batch, 1) against a fixed cache: one compiled graph, compiled again only if the cache grows
         self.step = torch.compile(self._step, dynamic=False) if compile else self._step
 
@@ -170,23 +179,26 @@ class Engine:
         pending = enumerate(requests)
         nxt = next(pending, None)
         cache = logits = None
-        owner = [None] * B  # per slot: (job, its sample row), None when free
+        owner = []  # per slot: (job, its sample row), None when free
         while True:
-            free = [b for b in range(B) if owner[b] is None]
+            free = [b for b, o in enumerate(owner) if o is None]
             while nxt is not None:  # continuous batching: free slots take the next requests, in order
                 i, r = nxt
-                if r.n > B:
+                if B and r.n > B:
                     raise ValueError(f"request {i}: {r.n} samples need as many slots, the engine has batch={B}")
                 if r.max_new_tokens <= 0:
                     yield i, r.result([[] for _ in range(r.n)], [[] for _ in range(r.n)])
-                elif r.n <= len(free):
+                elif cache is None or r.n <= len(free):
                     # alone: no padding, compute-bound
                     h, prefix = self.llm.hidden(r.embeds, use_cache=True, **({} if r.position_ids is None else
                                                                              {"position_ids": r.position_ids}))
                     first = self.llm.head(h[:, -1]).float()  # (1, V): every sample starts from the one prefill
-                    need = r.embeds.size(1) + r.max_new_tokens
+                    need = -(-(r.embeds.size(1) + r.max_new_tokens) // 256) * 256  # rounded up: grown rarely
+                    if cache is None:  # the first request sets the rows
+                        B = max(B or default_batch(prefix, need), r.n)
+                        owner, free = [None] * B, list(range(B))
                     if cache is None or cache.max_len < need:  # the first request, or a longer one
-                        cache, logits = self._grow(cache, logits, prefix, need, first.size(-1))
+                        cache, logits = self._grow(cache, logits, prefix, B, need, first.size(-1))
                     slots, free = free[:r.n], free[r.n:]
                     shift = 0 if r.position_ids is None else int(r.position_ids[0, 0, -1]) + 1 - r.embeds.size(1)
                     cache.fill(slots, prefix, shift)
@@ -219,10 +231,10 @@ class Engine:
             cache.lens += going
             cache.lens.masked_fill_(~going, 0)  # a free slot writes at position 0 until it is filled again
 
-    def _grow(self, cache, logits, prefix, need, vocab):
-        """A cache of at least `need` positions (rounded up to 256), holding what the live rows have."""
-        new = KVCache(prefix, self.batch, -(-need // 256) * 256)
-        new_logits = torch.zeros(self.batch, vocab, device=new.lens.device)
+    def _grow(self, cache, logits, prefix, B, max_len, vocab):
+        """A cache of B rows of max_len positions, holding what the live rows have."""
+        new = KVCache(prefix, B, max_len)
+        new_logits = torch.zeros(B, vocab, device=new.lens.device)
         if cache is not None:
             new.k[..., :cache.max_len, :], new.v[..., :cache.max_len, :] = cache.k, cache.v
             new.lens.copy_(cache.lens)

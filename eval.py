@@ -39,7 +39,7 @@ max_new_tokens = 160  # longest caption generated
 limit = 0  # items per task (0: all)
 fps = 1.0  # frames per second sampled
 max_frames = 110  # frames at most
-batch = 0  # videos decoding together (engine.py); 0: 16 on a GPU, 8 on a CPU
+batch = 0  # videos decoding together (engine.py); 0: 8 on a CPU, on a GPU as many as its free memory holds
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # the paper's benchmarks

@@ -68,13 +68,21 @@ def test_requests_are_read_as_slots_free_and_results_come_as_they_finish():
     assert order[0][1] < len(SPECS)  # the first result came before the last request was read
 
 
-def test_noise_is_multinomials_draw():
-    """sample_next draws as torch.multinomial does for one sample (the exponential race, same generator calls),
-    so samples drawn before the engine existed are drawn again."""
-    probs = torch.softmax(torch.randn(6, 50) * 3, dim=-1)
+def test_a_draw_belongs_to_its_token_not_to_its_rank():
+    """Relabelling the vocabulary (logits and noise alike) relabels the sample: the sort inside nucleus sampling has no
+    say in which draw a token gets, so near-equal probabilities ordered differently in another batch draw the same."""
+    from engine import sample_next
+    N, V = 64, 50
+    logits = torch.randn(N, V)
+    logits[:, 1] = logits[:, 0]  # exact ties: torch.sort is free to order them either way
+    noise = draw_noise(N, V, torch.Generator().manual_seed(5), "cpu")
+    perm = torch.randperm(V)
+    args = torch.ones(N), torch.full((N,), 0.8), torch.zeros(N, dtype=torch.bool)
+    assert torch.equal(perm[sample_next(logits[:, perm], *args, noise[:, perm])], sample_next(logits, *args, noise))
+    # and the draw is the exponential race, as torch.multinomial's one sample (the same generator calls)
+    probs = torch.softmax(logits, dim=-1)
     a = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
-    b = (probs / draw_noise(6, 50, torch.Generator().manual_seed(5), "cpu")).argmax(-1)
-    assert torch.equal(a, b)
+    assert torch.equal(a, sample_next(logits, torch.ones(N), torch.ones(N), args[2], noise))
 
 
 def test_more_samples_than_slots_is_an_error():
