@@ -89,3 +89,26 @@ def test_more_samples_than_slots_is_an_error():
     m = tiny_qwen2()
     with pytest.raises(ValueError, match="request 0: 3 samples"):
         Engine(m, batch=2).generate([Request(m.embed_tokens(torch.tensor([[1, 2]])).detach(), n=3)])
+
+
+def test_mrope_prompts_equal_each_alone():
+    """Prompts with M-RoPE positions (video-SALMONN 2+: a block's three rows, then text from its largest position)
+    of different lengths and position shifts decode together as each alone (Qwen2.generate(position_ids=...))."""
+    from test_mrope import tiny_mrope_qwen2
+    m = tiny_mrope_qwen2(2)
+    torch.manual_seed(3)
+    reqs = []
+    for i, (P, top) in enumerate([(9, 14), (15, 9), (6, 30), (12, 12)]):  # the last position: past, before or at P - 1
+        pos = torch.stack([torch.randint(0, top, (P,)) for _ in range(3)]).sort(-1).values
+        pos[:, -1] = top - 1
+        reqs.append(dict(embeds=m.embed_tokens(torch.randint(0, 97, (1, P))).detach(), n=2, max_new_tokens=8,
+                         temperature=1.0, top_p=0.9, stop_ids=STOP, return_logprobs=True, position_ids=pos[:, None]))
+    want = [m.generate(**{k: v for k, v in r.items() if k != "embeds"}, embeds=r["embeds"],
+                       generator=torch.Generator().manual_seed(i)) for i, r in enumerate(reqs)]
+    got = Engine(m, batch=3).generate([Request(**r, generator=torch.Generator().manual_seed(i)) for i, r in enumerate(reqs)])
+    for (ws, wl), (gs, gl) in zip(want, got):
+        assert gs == ws
+        assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5) for a, b in zip(wl, gl))
+    plain = Engine(m, batch=3).generate([Request(**{**r, "position_ids": None}, generator=torch.Generator().manual_seed(i))
+                                         for i, r in enumerate(reqs)])
+    assert max(abs(a[0][0] - b[0][0]) for (_, a), (_, b) in zip(plain, got)) > 1e-4  # and the positions matter
