@@ -6,13 +6,15 @@ n slots of a KVCache (its n samples share the one prefill). All live rows then d
 and rotary position, each with its own stop condition; a finished row's slot takes the next request (vLLM's continuous
 batching). The decode step has the same shapes every step, so it can be compiled (gpt-fast).
 
-Exact against generating each prompt alone (Qwen2.generate): a sample is the argmax of p / noise with noise ~ Exp(1)
-(what torch.multinomial does for one draw), and each request draws its noise, (n, vocab) a step while any of its rows
-is live, from its own generator, exactly as generating it alone draws. No row ever draws from another's stream, so
-which requests share a step changes nothing.
+Exact against generating each prompt alone (Qwen2.generate): a sample is the argmax of p / noise with noise ~ Exp(1),
+one per token id (the exponential race, as torch.multinomial draws one sample), and each request draws its noise,
+(n, vocab) a step while any of its rows is live, from its own generator, exactly as generating it alone draws. No row
+draws from another's stream, so which requests share a step changes nothing, up to float rounding: a batch of 8 sums
+in another order than a batch of 2, which can flip a draw within rounding of a tie (rare in fp32; in bf16, as on a
+GPU, batched and alone agree in distribution, not token for token).
 
-The engine needs only what a Qwen2-like LLM has: embed_tokens, hidden(embeds, cache, use_cache) returning per-layer
-keys and values of shape (1, n_kv, P, hd) from a prefill, and head.
+The engine needs only what a Qwen2-like LLM has: embed_tokens, hidden(embeds, cache, use_cache[, position_ids])
+returning per-layer keys and values of shape (1, n_kv, P, hd) from a prefill, and head.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
