@@ -10,8 +10,8 @@ Exact against generating each prompt alone (Qwen2.generate): a sample is the arg
 one per token id (the exponential race, as torch.multinomial draws one sample), and each request draws its noise,
 (n, vocab) a step while any of its rows is live, from its own generator, exactly as generating it alone draws. No row
 draws from another's stream, so which requests share a step changes nothing, up to float rounding: a batch of 8 sums
-in another order than a batch of 2, which can flip a draw within rounding of a tie (rare in fp32; in bf16, as on a
-GPU, batched and alone agree in distribution, not token for token).
+in another order than a batch of 2, which can flip a draw within rounding of a tie: rare in fp32; bf16 rounds far
+coarser, so on a GPU expect a batched caption and the same one alone to part after a while (same distribution).
 
 The engine needs only what a Qwen2-like LLM has: embed_tokens, hidden(embeds, cache, use_cache[, position_ids])
 returning per-layer keys and values of shape (1, n_kv, P, hd) from a prefill, and head.
