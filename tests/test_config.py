@@ -1,6 +1,11 @@
+import importlib
+import os
+
 import pytest
 
 from config import UserError, configure, usage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def defaults():
@@ -65,3 +70,15 @@ def test_help_lists_every_setting_with_its_default_and_comment(tmp_path):
     with pytest.raises(SystemExit) as e:
         configure(g, ["--steps=3", "--help"])
     assert e.value.code == 0
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py")
+                                        and not f.startswith("_")))
+def test_every_config_file_resolves_against_its_script(name):
+    """Each config file sets only settings its stage's script has, with their types (a 3B or 72B config that takes
+    the 7B one's settings by import included); a typo or a stale key would fail here, not on a GPU node."""
+    stage = name[:-3].rsplit("_", 1)[1]
+    script = {"align": "train_align", "sft": "train_sft", "base": "train_sft", "mrdpo": "train_mrdpo"}[stage]
+    g = dict(vars(importlib.import_module(script)))
+    c = configure(g, [os.path.join(ROOT, "config", name)])
+    assert c["out_dir"].startswith("out/")
