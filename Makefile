@@ -1,7 +1,8 @@
 PY := .venv/bin/python
 TOY := data/toyav
+TOY_SEED ?= 1337
 
-.PHONY: test toy setup clean
+.PHONY: test toy ablations setup clean
 
 .venv/.installed: requirements.txt requirements-dev.txt requirements-data.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -14,13 +15,14 @@ setup: .venv/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
-# the toy world: data (regenerated only when its generator changes), then every stage and its evaluation,
-# then the MrDPO rounds (each evaluated on the test split)
-$(TOY)/train.jsonl: $(TOY)/prepare.py | setup
-	$(PY) $(TOY)/prepare.py
-
-toy: setup $(TOY)/train.jsonl
-	rm -rf out/toy/results.json out/toy/base out/toy/align out/toy/sft out/toy/mrdpo
+# the toy world of seed TOY_SEED (written again only when its seed or generator changes), its pretrained encoders
+# (trained again only when their content hash changes), then every stage and its evaluation, then the MrDPO rounds
+# (each evaluated on the test split)
+toy: setup
+	$(PY) $(TOY)/prepare.py --seed $(TOY_SEED) --keep
+	rm -rf out/toy/results.json out/toy/text out/toy/base out/toy/align out/toy/sft out/toy/mrdpo out/toy/ablations*
+	$(PY) $(TOY)/pretrain_encoders.py --config config/toy_text.py --results out/toy/results.json
+	$(PY) train_sft.py config/toy_text.py
 	$(PY) train_sft.py config/toy_base.py
 	$(PY) eval.py --stage=base --ckpt=out/toy/base/final
 	$(PY) train_align.py config/toy_align.py
@@ -29,6 +31,11 @@ toy: setup $(TOY)/train.jsonl
 	$(PY) eval.py --stage=sft --ckpt=out/toy/sft/final
 	$(PY) train_mrdpo.py config/toy_mrdpo.py
 	@cat out/toy/results.json
+
+# the paper's two MrDPO ablations next to the method, 3 seeds each, from make toy's SFT model: Total per round
+ablations: setup
+	test -f out/toy/sft/final/train_config.json || $(MAKE) toy
+	$(PY) $(TOY)/ablations.py
 
 clean:
 	rm -rf .venv out

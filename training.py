@@ -40,6 +40,7 @@ whisper = ""  # Whisper checkpoint dir, with `llava` or `qwen_vl`
 qwen_vl = ""  # with `whisper` instead of init_from: 2+ from Qwen2.5-VL-Instruct + Whisper, a fresh Q-Former (gen_audio_model.py)
 lora_base = ""  # with init_from a LoRA-only 2+ release (adapter_config.json): its audio-aligned base
 arch = {}  # AVConfig (or, with "tokens", a 2+ PlusConfig) as a dict, for init_from="scratch"
+encoders = ""  # with init_from="scratch": safetensors of pretrained tower.* and speech_encoder.* (the toy's own)
 tokenizer = ""  # tokenizer.json; default: the one in init_from or llava
 lora_r = 128  # LoRA rank (0: no LoRA); released: 128
 lora_alpha = 256  # LoRA alpha: scale alpha / r = 2.0 as released
@@ -81,6 +82,23 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
               "A100": 312e12, "A800": 312e12}
 
 
+def load_encoders(model, path):
+    """Pretrained frozen encoders (every tower.* and speech_encoder.* tensor of the model, nothing else) into a
+    scratch model."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such encoders file (make toy writes it with data/toyav/pretrain_encoders.py)")
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+    wanted = {k: v.shape for k, v in model.state_dict().items() if k.startswith(("tower.", "speech_encoder."))}
+    got = {k: v.shape for k, v in state.items()}
+    if got != wanted:
+        diff = sorted(k for k in set(got) | set(wanted) if got.get(k) != wanted.get(k))
+        raise UserError(f"{path}: not the encoders of this arch (first differences: {diff[:3]})")
+    model.load_state_dict(state, strict=False)
+
+
 def setup_distributed(device):
     """(rank, world, device) under torchrun, (0, 1, device) as one process."""
     if "RANK" not in os.environ:
@@ -116,6 +134,8 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
             cfg = AVConfig.from_dict(c["arch"])
             cfg.llm.vocab_size = tok.get_vocab_size()
             model = VideoSALMONN2(cfg)
+        if c.get("encoders"):  # the toy's pretrained encoders (data/toyav/pretrain_encoders.py): all of them, or stop
+            load_encoders(model, c["encoders"])
     elif c.get("llava"):
         model = VideoSALMONN2.from_base(c["llava"], c["whisper"])
     elif c.get("qwen_vl"):

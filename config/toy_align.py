@@ -2,7 +2,7 @@
 init_from = "out/toy/base/final"
 train_data = "data/toyav/align_train.jsonl"
 val_data = "data/toyav/align_val.jsonl"
-batch_size = 8
+batch_size = 16
 steps = 300
 lr = 2e-3
 warmup_ratio = 0.05

@@ -12,6 +12,7 @@ $ python data/toyav/prepare.py --out /tmp/toyav --seed 7
 Everything comes from the seed: the same seed writes the same manifests, wavs, tokenizer and decoded frames.
 """
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -25,17 +26,21 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SEED = 1337
 SPLITS = ["train", "val", "test"]
-CLIPS = {"train": 320, "val": 40, "test": 40}  # videos per split
+CLIPS = {"train": 640, "val": 40, "test": 40}  # videos per split
 AUDIO_ITEMS = {"train": 600, "val": 50, "test": 50}  # audio-only items per split: half speech, half sounds
+IMAGES = {"train": 1000, "val": 20, "test": 20}  # one-frame clips of a random state, described, for the visual base
+COPIES = {"train": 2000, "val": 50, "test": 50}  # text items: random words to say again
 SMALL_CLIPS = {"train": 8, "val": 2, "test": 2}  # --small: enough of everything for the tests
 SMALL_AUDIO_ITEMS = {"train": 8, "val": 4, "test": 4}
+SMALL_IMAGES = {"train": 4, "val": 2, "test": 2}
+SMALL_COPIES = {"train": 4, "val": 2, "test": 2}
 WORKERS = 2  # processes rendering and encoding clips
 VOCAB_SIZE = 1000  # BPE's upper bound; the toy text runs out of merges a little below it
 
 SIZE = 64  # frame side in pixels
 FPS = 8  # video frame rate; the model samples 1 frame a second
 SR = 16000  # audio sample rate, Whisper's
-MIN_SECONDS, MAX_SECONDS = 4, 20  # clip length: the toy model hears 4 s an audio segment, long clips need several
+MIN_SECONDS, MAX_SECONDS = 4, 12  # clip length: the toy model hears 4 s an audio segment, long clips need several
 HOLD = 2  # seconds every visual state stays on screen, so that 1-fps sampling sees it
 SLOT = 2  # seconds an audio event has to itself: the sound, then silence before the next one
 MUTE_FRACTION = 0.1  # clips without an audio stream: their captions have no sound or speech events
@@ -71,6 +76,8 @@ PITCH = (120, 200)  # Hz range of a speaker's voice
 SYSTEM = "You are a helpful assistant."  # data.SYSTEM, the chat's system prompt: part of the tokenizer's text
 CAPTION_PROMPT = "Describe the video in detail, including what you see and what you hear."
 VISUAL_PROMPT = "Describe what you see in the video."
+IMAGE_PROMPT = "Describe the image."
+SIDES = ["on the left", "in the middle", "on the right"]  # PLACES in words
 QA_PROMPT = ("Select the best answer to the following multiple-choice question based on the video. "
              "Respond with only the letter (A, B, C, or D) of the correct option.\n{question}\n{options}\n"
              "The best answer is:")  # Video-MME's prompt
@@ -315,13 +322,39 @@ def render_frames(seconds, events, places):
             else:  # appear, or move: slide from where the shape stands
                 shape, x_from, moved_at = key[1:3], x_to if key[0] == "move" else PLACES[place], f
                 x_to = PLACES[place]
-        frames[f] = BACKGROUNDS[bg]
-        if digit is not None:
-            frames[f][digit_mask(digit)] = (255, 255, 255) if bg == "black" else (0, 0, 0)
-        if shape is not None:
-            x = x_from + (x_to - x_from) * min(1.0, (f - moved_at) / FPS)
-            frames[f][shape_mask(shape[1], x)] = COLOURS[shape[0]]
+        x = x_from + (x_to - x_from) * min(1.0, (f - moved_at) / FPS)
+        frames[f] = draw(bg, digit, None if shape is None else (*shape, x))
     return frames
+
+
+def random_state(rng):
+    """What one frame of a clip may show: (background, digit or None, (colour, kind, place index) or None)."""
+    bg = pick(rng, list(BACKGROUNDS))
+    shape = None if rng.random() < 0.2 else (pick(rng, list(COLOURS)), pick(rng, SHAPES), int(rng.integers(len(PLACES))))
+    return bg, None if rng.random() < 0.3 else str(rng.integers(10)), shape
+
+
+def describe_state(bg, digit, shape):
+    """A frame's description: "The background is gray. A blue circle is on the left. The digit 7 is on screen."."""
+    text = f"The background is {bg}."
+    text += f" A {shape[0]} {shape[1]} is {SIDES[shape[2]]}." if shape else ""
+    return text + (f" The digit {digit} is on screen." if digit is not None else "")
+
+
+def draw_state(bg, digit, shape):
+    return draw(bg, digit, shape and (shape[0], shape[1], PLACES[shape[2]]))
+
+
+def draw(bg, digit, shape):
+    """One (SIZE, SIZE, 3) uint8 frame: the background, the digit (or None) and the shape (colour, kind, x centre)
+    (or None)."""
+    img = np.empty((SIZE, SIZE, 3), np.uint8)
+    img[:] = BACKGROUNDS[bg]
+    if digit is not None:
+        img[digit_mask(digit)] = (255, 255, 255) if bg == "black" else (0, 0, 0)
+    if shape is not None:
+        img[shape_mask(shape[1], shape[2])] = COLOURS[shape[0]]
+    return img
 
 
 def mix(seconds, events, rng):
@@ -403,8 +436,15 @@ def make_questions(rng, keys):
     return [ask(rng, *candidates[i]) for i in chosen]
 
 
+def qa_item(name, video, question, options, letter):
+    listed = "\n".join(f"{l}. {o}" for l, o in zip("ABCD", options))
+    return {"id": name, "video": video, "task": "qa", "prompt": QA_PROMPT.format(question=question, options=listed),
+            "response": letter, "answer": letter, "question": question, "options": options}
+
+
 def make_clip(job):
-    """Write one clip's mp4 -> (its caption and QA items, its visual-only caption item)."""
+    """Write one clip's mp4 -> (its caption and QA items, its visual-only caption and question, a text item that
+    asks one of its questions of its caption)."""
     out, seed, split, i, has_audio = job
     rng = np.random.default_rng([seed, SPLITS.index(split), 0, i])
     seconds, events, places = plan_clip(rng, has_audio)
@@ -415,15 +455,26 @@ def make_clip(job):
     entries = [{"text": event_sentence(k), "type": event_type(k), "key": k, "start": t} for t, k in events]
     items = [{"id": name, "video": video, "task": "caption", "prompt": CAPTION_PROMPT,
               "response": " ".join(e["text"] for e in entries), "events": entries}]
-    for j, (question, options, letter) in enumerate(make_questions(rng, [k for _, k in events])):
-        listed = "\n".join(f"{l}. {o}" for l, o in zip("ABCD", options))
-        items.append({"id": f"{name}_qa{j}", "video": video, "task": "qa",
-                      "prompt": QA_PROMPT.format(question=question, options=listed), "response": letter,
-                      "answer": letter, "question": question, "options": options})
+    items += [qa_item(f"{name}_qa{j}", video, *q) for j, q in enumerate(make_questions(rng, [k for _, k in events]))]
     seen = [e for e in entries if e["type"] == "visual"]
-    base = {"id": name, "video": video, "task": "caption", "prompt": VISUAL_PROMPT,
-            "response": " ".join(e["text"] for e in seen), "events": seen}
-    return items, base
+    base = [{"id": name, "video": video, "task": "caption", "prompt": VISUAL_PROMPT,
+             "response": " ".join(e["text"] for e in seen), "events": seen}]
+    # a question about what is seen only (its own draws, so the rest of the world is as without it): a visual LLM
+    # answers them, as LLaVA-OneVision, the 7B model's base, does
+    rng = np.random.default_rng([seed, SPLITS.index(split), 3, i])
+    base.append(qa_item(f"{name}_vqa", video, *pick(rng, make_questions(rng, [e["key"] for e in seen]))))
+    return items, base, read_item(items[0]["response"], pick(rng, items[1:]))
+
+
+def make_image(job):
+    """Write a one-second clip of one random state -> its image item (one frame sampled, no audio stream): the
+    image-description data a visual LLM learns to read frames from, as LLaVA-OneVision's single-image stages."""
+    out, seed, split, i = job
+    state = random_state(np.random.default_rng([seed, SPLITS.index(split), 4, i]))
+    name = f"{split}_{i:04d}"
+    write_mp4(os.path.join(out, "images", f"{name}.mp4"), np.repeat(draw_state(*state)[None], FPS, 0), None)
+    return {"id": f"image_{name}", "video": f"images/{name}.mp4", "task": "image", "prompt": IMAGE_PROMPT,
+            "response": describe_state(*state)}
 
 
 # -----------------------------------------------------------------------------
@@ -457,7 +508,9 @@ def make_audio_item(job):
 
 
 def train_tokenizer(texts, path):
-    """A byte-level BPE over the toy text, with Qwen2's chat special tokens at ids 0-2."""
+    """A byte-level BPE over the toy text (given line by line, so that a newline stays a token of its own: a text-only
+    prompt's blank line is then the two newline tokens around the media block), with Qwen2's chat special tokens
+    at ids 0-2."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -478,46 +531,79 @@ def main():
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output directory")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--small", action="store_true", help="a few items per split, for tests")
+    parser.add_argument("--keep", action="store_true", help="do nothing if --out holds this seed's world already")
     args = parser.parse_args()
+    with open(os.path.abspath(__file__), "rb") as f:
+        generator = hashlib.sha256(f.read()).hexdigest()[:16]  # this file: a changed world is a changed file
+    meta_path = os.path.join(args.out, "meta.json")
+    if args.keep and os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if (meta["seed"], meta["small"], meta.get("generator")) == (args.seed, args.small, generator):
+            print(f"{args.out} holds the toy world of seed {args.seed} from this generator: kept")
+            return
+    if os.path.exists(meta_path):  # from here on the directory holds no whole world until meta.json is written again
+        os.remove(meta_path)
     t0 = time.time()
-    clips, audio_items = (SMALL_CLIPS, SMALL_AUDIO_ITEMS) if args.small else (CLIPS, AUDIO_ITEMS)
-    for sub in ("clips", "audio"):
+    clips, audio_items, images, copies = ((SMALL_CLIPS, SMALL_AUDIO_ITEMS, SMALL_IMAGES, SMALL_COPIES) if args.small
+                                          else (CLIPS, AUDIO_ITEMS, IMAGES, COPIES))
+    for sub in ("clips", "audio", "images"):
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
-    clip_jobs, audio_jobs = [], []
+    clip_jobs, audio_jobs, image_jobs = [], [], []
     for s, split in enumerate(SPLITS):
         n = clips[split]
         order = np.random.default_rng([args.seed, s, 2]).permutation(n).tolist()
         mute = set(order[:max(1, round(MUTE_FRACTION * n))])  # at least one a split, even with --small
         clip_jobs += [(args.out, args.seed, split, i, i not in mute) for i in range(n)]
         audio_jobs += [(args.out, args.seed, split, i) for i in range(audio_items[split])]
+        image_jobs += [(args.out, args.seed, split, i) for i in range(images[split])]
     with multiprocessing.Pool(WORKERS) as pool:
         clip_results = pool.map(make_clip, clip_jobs, chunksize=4)
         audio_results = pool.map(make_audio_item, audio_jobs, chunksize=16)
+        image_results = pool.map(make_image, image_jobs, chunksize=16)
     texts = ["system", "user", "assistant", SYSTEM] + [event_sentence(k) for k in all_keys()] + WORDS + SOUND_NAMES
     for split in SPLITS:
-        av_items = [it for job, (items, _) in zip(clip_jobs, clip_results) if job[2] == split for it in items]
-        base_items = [base for job, (_, base) in zip(clip_jobs, clip_results) if job[2] == split]
+        av_items = [it for job, (items, _, _) in zip(clip_jobs, clip_results) if job[2] == split for it in items]
+        base_items = [it for job, (_, base, _) in zip(clip_jobs, clip_results) if job[2] == split for it in base]
+        image_items = [it for job, it in zip(image_jobs, image_results) if job[2] == split]
         align_items = [it for job, it in zip(audio_jobs, audio_results) if job[2] == split]
-        text_items = [repeat_item(it) for it in av_items + align_items if it["task"] != "qa"]
-        for name, items in ((split, av_items), (f"base_{split}", base_items), (f"align_{split}", align_items),
-                            (f"text_{split}", text_items)):
+        text_items = [repeat_item(it) for it in av_items if it["task"] == "caption"]
+        copy_items = [repeat_item(it) for it in align_items] + [copy_item(split, args.seed, i) for i in range(copies[split])]
+        text_items += [read for job, (_, _, read) in zip(clip_jobs, clip_results) if job[2] == split]
+        for name, items in ((split, av_items), (f"base_{split}", base_items), (f"image_{split}", image_items),
+                            (f"align_{split}", align_items), (f"text_{split}", text_items), (f"copy_{split}", copy_items)):
             write_jsonl(os.path.join(args.out, f"{name}.jsonl"), items)
-            texts += [t for it in items for t in (it["prompt"], it["response"])]
+            texts += [line for it in items for t in (it["prompt"], it["response"]) for line in t.split("\n")]
     tok = train_tokenizer(texts, os.path.join(args.out, "tokenizer.json"))
     seconds = time.time() - t0
-    with open(os.path.join(args.out, "meta.json"), "w") as f:
-        json.dump({"seed": args.seed, "small": args.small, "seconds": round(seconds, 1)}, f)
+    with open(meta_path, "w") as f:  # written last: a world cut short is not kept
+        json.dump({"seed": args.seed, "small": args.small, "generator": generator, "seconds": round(seconds, 1)}, f)
     print(f"wrote {len(clip_jobs)} clips, {len(audio_jobs)} audio-only items and a {tok.get_vocab_size()}-token "
           f"tokenizer to {args.out} in {seconds:.1f} s")
 
 
 def repeat_item(item):
-    """A text-only item: the response written out just before the item's own instruction, where the media
-    would be, and the response is to say it. A real base LLM already writes any text and follows these
-    instructions; ours learns only what its training shows it, and the frozen LLM of audio alignment
-    could otherwise never say a transcript, however well the aligner hears it."""
-    return {"id": f"{item['id']}_text", "task": "text", "prompt": f"{item['response']}\n{item['prompt']}",
+    """A text-only item: the response written out where the media would be (a text-only turn begins with it), a
+    blank line, then the item's own instruction; the response is to say it. A real base LLM already copies any
+    text and follows these instructions; ours learns only what its training shows it, and the frozen LLM of audio
+    alignment could otherwise never say a transcript, however well the aligner hears it."""
+    return {"id": f"{item['id']}_text", "task": "text", "prompt": f"{item['response']}\n\n{item['prompt']}",
             "response": item["response"]}
+
+
+def copy_item(split, seed, i):
+    """A text-only item: 1-6 random words of the toy language to say again. Text that no template predicts is what
+    teaches a small LLM to copy (its induction heads form within a few hundred steps of these, and not of the
+    captions alone)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), 6, i])
+    words = " ".join(WORDS[w] for w in rng.integers(len(WORDS), size=int(rng.integers(1, 7))))
+    return {"id": f"{split}_{i:04d}_copy", "task": "text", "prompt": f"{words}\n\n{ASR_PROMPT}", "response": words}
+
+
+def read_item(caption, qa):
+    """A text-only question: a clip's caption, then one of its multiple-choice questions about it, answered with the
+    letter (one question a clip). Reading a text and picking the option it supports is another skill a real base LLM
+    brings."""
+    return {"id": f"{qa['id']}_text", "task": "text", "prompt": f"{caption}\n\n{qa['prompt']}", "response": qa["response"]}
 
 
 if __name__ == "__main__":
