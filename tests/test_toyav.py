@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import wave
@@ -49,43 +50,68 @@ def test_same_seed_same_data(twice):
     a, b = twice
     files = sorted(os.path.relpath(p, a) for p in glob.glob(f"{a}/*.json*") + glob.glob(f"{a}/audio/*.wav")
                    if not p.endswith("meta.json"))  # meta.json holds the run's own timing
-    assert len(files) == 13 + sum(toy.SMALL_AUDIO_ITEMS.values())  # 12 manifests, the tokenizer, the wavs
+    assert len(files) == 19 + sum(toy.SMALL_AUDIO_ITEMS.values())  # 18 manifests, the tokenizer, the wavs
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    for it in captions(a):  # mp4 bytes may carry muxer metadata: compare what decodes
+    for it in captions(a) + [it for s in toy.SPLITS for it in items(a, f"image_{s}")]:  # mp4 bytes may carry muxer metadata: compare what decodes
         ma, mb = (load_video(d / it["video"], image_size=32, n_mels=80, segment_seconds=4) for d in twice)
         assert torch.equal(ma.frames, mb.frames) and torch.equal(ma.mel, mb.mel)
 
 
-def test_text_items_repeat_every_caption_and_audio_response(out):
+def test_text_items_say_again_every_caption_and_audio_response_and_read_questions(out):
     for split in toy.SPLITS:
-        text = items(out, f"text_{split}")
-        said = [it["response"] for it in items(out, split) if it["task"] == "caption"] + [it["response"] for it in items(out, f"align_{split}")]
-        assert [it["response"] for it in text] == said
-        prompts = {toy.CAPTION_PROMPT, toy.ASR_PROMPT, toy.AUDIO_CAPTION_PROMPT}
-        assert all(it["task"] == "text" and it["prompt"].startswith(it["response"] + "\n")
-                   and it["prompt"].split("\n", 1)[1] in prompts for it in text)
+        av = items(out, split)
+        caps = [it for it in av if it["task"] == "caption"]
+        text, copy = items(out, f"text_{split}"), items(out, f"copy_{split}")
+        assert all(it["task"] == "text" for it in text + copy)
         assert len(read_manifest(out / f"text_{split}.jsonl")) == len(text)
+        assert len(read_manifest(out / f"copy_{split}.jsonl")) == len(copy)
+        # text: each caption written out, a blank line, the caption prompt; then one of each clip's questions asked of
+        # its caption, answered with its letter
+        said, read = text[:len(caps)], text[len(caps):]
+        assert [it["response"] for it in said] == [it["response"] for it in caps]
+        assert all(it["prompt"] == f"{it['response']}\n\n{toy.CAPTION_PROMPT}" for it in said)
+        assert len(read) == len(caps)
+        for cap, it in zip(caps, read):
+            qa = next(q for q in av if q["task"] == "qa" and q["video"] == cap["video"] and q["id"] + "_text" == it["id"])
+            assert it["prompt"] == f"{cap['response']}\n\n{qa['prompt']}" and it["response"] == qa["answer"]
+        # copy: each audio item's response said again after its prompt, then 1-6 random toy words to transcribe
+        align = items(out, f"align_{split}")
+        again, words = copy[:len(align)], copy[len(align):]
+        assert [it["prompt"] for it in again] == [f"{a['response']}\n\n{a['prompt']}" for a in align]
+        assert [it["response"] for it in again] == [a["response"] for a in align]
+        assert len(words) == toy.SMALL_COPIES[split]
+        for it in words:
+            assert it["prompt"] == f"{it['response']}\n\n{toy.ASR_PROMPT}"
+            assert 1 <= len(it["response"].split()) <= 6 and all(w in toy.WORDS for w in it["response"].split())
 
 
 def test_manifests_parse_and_reference_files(out):
-    fields = {"caption": {"events"}, "qa": {"answer", "question", "options"}, "asr": set(), "audio_caption": set()}
+    fields = {"caption": {"events"}, "qa": {"answer", "question", "options"}, "asr": set(), "audio_caption": set(),
+              "image": set()}
+    folder = {"video": "clips/", "audio": "audio/", "image": "images/"}
     for split in toy.SPLITS:
-        for name in (split, f"base_{split}", f"align_{split}"):
+        for name in (split, f"base_{split}", f"align_{split}", f"image_{split}"):
             raw = items(out, name)
             assert raw and len(read_manifest(out / f"{name}.jsonl")) == len(raw)  # no line skipped as malformed
             for it in raw:
                 media = it.get("video") or it["audio"]
-                assert media.startswith("clips/" if "video" in it else "audio/") and (out / media).is_file()
+                kind = "image" if it["task"] == "image" else "video" if "video" in it else "audio"
+                assert media.startswith(folder[kind]) and (out / media).is_file()
                 assert {"id", "task", "prompt", "response"} | fields[it["task"]] <= set(it)
             assert len({it["id"] for it in raw}) == len(raw)
-    for split in toy.SPLITS:  # the visual-only items are the caption clips, with their visual events only
-        full, base = [it for it in items(out, split) if it["task"] == "caption"], items(out, f"base_{split}")
-        assert [it["video"] for it in full] == [it["video"] for it in base]
-        for f, b in zip(full, base):
+    for split in toy.SPLITS:  # the visual-only items: each caption clip, with its visual events only, and a question
+        full = [it for it in items(out, split) if it["task"] == "caption"]  # about what it shows
+        base = items(out, f"base_{split}")
+        assert [it["task"] for it in base] == ["caption", "qa"] * len(full)
+        assert [it["video"] for it in full] == [it["video"] for it in base[0::2]] == [it["video"] for it in base[1::2]]
+        for f, b, q in zip(full, base[0::2], base[1::2]):
             assert b["prompt"] == toy.VISUAL_PROMPT and f["prompt"] == toy.CAPTION_PROMPT
             assert b["events"] == [e for e in f["events"] if e["type"] == "visual"]
             assert b["response"] == " ".join(e["text"] for e in b["events"])
+            assert q["answer"] == q["response"] and len(set(q["options"])) == 4
+            right = truths(q["question"], [e["key"] for e in b["events"]])  # answered from the visual events alone
+            assert [o in right for o in q["options"]] == [letter == q["answer"] for letter in "ABCD"], q
 
 
 def test_captions_round_trip_through_parse_caption(out):
@@ -195,6 +221,30 @@ def test_frames_show_the_visual_events(out):
                 assert near(frame(t)[:, :16], ink).sum() >= 8
             checked.add(kind)
     assert {"start", "background", "appear", "disappear", "move", "digit"} <= checked
+
+
+def test_images_show_their_description(out):
+    sides = {"on the left": 0, "in the middle": 1, "on the right": 2}
+    seen = set()
+    for split in toy.SPLITS:
+        for it in items(out, f"image_{split}"):
+            assert it["prompt"] == toy.IMAGE_PROMPT
+            m = load_video(out / it["video"], image_size=32, n_mels=80, segment_seconds=4)
+            assert len(m.times) == 1 and not m.has_audio
+            frame = m.frames[0]  # (3, 32, 32)
+            said = re.fullmatch(r"The background is (\w+)\.(?: A (\w+) (\w+) is (on the left|in the middle|on the right)\.)?"
+                                r"(?: The digit (\d) is on screen\.)?", it["response"])
+            assert said, it["response"]
+            bg, colour, kind, side, digit = said.groups()
+            assert near(frame, toy.BACKGROUNDS[bg])[0, 0]
+            ink = near(frame[:, :16], (255, 255, 255) if bg == "black" else (0, 0, 0)).sum()
+            assert ink >= 8 if digit else ink == 0
+            lower = near(frame[:, 16:], toy.COLOURS[colour]) if colour else None
+            if colour:  # the shape's colour in the lower half, centred in its third of the frame
+                x = lower.nonzero()[:, 1].float().mean().item()
+                assert kind in toy.SHAPES and int(x * 3 / 32) == sides[side], (it["response"], x)
+            seen |= {bg, colour is not None, digit is not None}
+    assert {True} <= seen  # some image shows a shape or a digit
 
 
 def peak_hz(x):

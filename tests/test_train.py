@@ -2,6 +2,7 @@
 run, every stage runs, and a bad clip is skipped and counted."""
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -144,13 +145,25 @@ def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
 
 def test_toy_stages_and_results_json(tmp_path):
     """The make toy chain on the small toy world: each stage trains a few steps and its evaluation
-    lands in results.json under the keys that external checks read."""
+    lands in results.json under the keys that external checks read. The scratch stage (the text stage) loads the
+    pretrained encoders, which no later stage changes."""
+    from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
+    from safetensors.torch import save_file
     d = tmp_path / "toyav"
     run(["data/toyav/prepare.py", "--small", "--out", str(d)])
+    arch = runpy.run_path(os.path.join(ROOT, "config", "toy_text.py"))["arch"]
+    torch.manual_seed(3)  # encoders unlike any scratch model's: standing in for pretrain_encoders.py's, of the toy's arch
+    tower, whisper = SiglipVision(SiglipVisionConfig(**arch["vision"])), WhisperEncoder(WhisperConfig(**arch["whisper"]))
+    encoders = {**{f"tower.{k}": v for k, v in tower.state_dict().items()},
+                **{f"speech_encoder.{k}": v for k, v in whisper.state_dict().items()}}
+    save_file(encoders, str(tmp_path / "encoders.safetensors"))
     res = tmp_path / "results.json"
     common = [f"--cache_dir={tmp_path / 'cache'}", "--steps=2", "--batch_size=2", "--val_data="]
-    stages = [("train_sft.py", "config/toy_base.py", "base", f"--tokenizer={d / 'tokenizer.json'}",
-               f"--train_data={d / 'base_train.jsonl'},{d / 'text_train.jsonl'}"),
+    run(["train_sft.py", "config/toy_text.py", *common, f"--tokenizer={d / 'tokenizer.json'}",
+         f"--encoders={tmp_path / 'encoders.safetensors'}", f"--train_data={d / 'copy_train.jsonl'},{d / 'text_train.jsonl'}",
+         f"--out_dir={tmp_path / 'text'}"])
+    stages = [("train_sft.py", "config/toy_base.py", "base", f"--init_from={tmp_path / 'text' / 'final'}",
+               f"--train_data={d / 'base_train.jsonl'},{d / 'image_train.jsonl'},{d / 'text_train.jsonl'}"),
               ("train_align.py", "config/toy_align.py", "align", f"--init_from={tmp_path / 'base' / 'final'}",
                f"--train_data={d / 'align_train.jsonl'}"),
               ("train_sft.py", "config/toy_sft.py", "sft", f"--init_from={tmp_path / 'align' / 'final'}",
@@ -164,6 +177,12 @@ def test_toy_stages_and_results_json(tmp_path):
     assert {"total", "miss", "hall"} <= set(r["base"]) and "asr_wer" in r["align"]
     assert {"miss", "hall", "total", "qa_acc", "accuracy"} <= set(r["sft"]) and 0 <= r["sft"]["qa_acc"] <= 1
     assert set(r["sft"]["accuracy"]) <= {"visual", "sound", "speech"}
+    for stage in ("text", "base", "align", "sft"):  # the encoders are frozen from the text stage on
+        m = VideoSALMONN2.from_pretrained(tmp_path / stage / "final")
+        state = {f"tower.{k}": v for k, v in m.tower.state_dict().items()}
+        state.update({f"speech_encoder.{k}": v for k, v in m.speech_encoder.state_dict().items()})
+        assert state.keys() == encoders.keys()
+        assert all(torch.equal(state[k], encoders[k].to(state[k].dtype)) for k in encoders), stage
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(world, tmp_path):
