@@ -56,7 +56,8 @@ EVAL_ITEMS = 512  # held-out Whisper segments
 
 def rgb_as_decoded(img):
     """An RGB frame as the clips' decoder returns it: through prepare.yuv420p (BT.601 limited range, chroma at half
-    resolution) and back, nearest-neighbour chroma. Equal to the decoded clips' frames within one level."""
+    resolution) and back, nearest-neighbour chroma. Equal to the decoded clips' frames within 3 levels (1 for all but a
+    few % of the values)."""
     S = world.SIZE
     p = world.yuv420p(img).astype(np.float64)
     y, u, v = p[:S], p[S:S + S // 4].reshape(S // 2, S // 2), p[S + S // 4:].reshape(S // 2, S // 2)
@@ -301,7 +302,7 @@ def main():
     digest, seed = content_hash(args.data, arch, args.steps_scale)
     if os.path.exists(args.out):
         with safe_open(args.out, "pt") as f:
-            meta = f.metadata()
+            meta = f.metadata() or {}  # a file saved without metadata (not this script's) is trained over
         if meta.get("hash") == digest:
             print(f"{args.out}: pretrained encoders of this world and code (hash {digest}) are there; kept")
             return merge_results(args.results, json.loads(meta["metrics"]), 0.0)
