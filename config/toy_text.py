@@ -1,7 +1,7 @@
 # Toy stage -1, the language model. The 7B model's LLM (Qwen2) comes pretrained on text; the toy's is trained here
-# from scratch on text-only items: captions and transcripts written out, then an instruction to say them again
-# (the copying every real LLM does, which audio alignment needs: a frozen LLM that cannot copy cannot say a
-# transcript however well the aligner hears it), and a caption followed by one of its questions (reading).
+# from scratch on text-only items: words of the toy language among blanks, and transcripts, then an instruction to
+# say them again (the copying every real LLM does, which audio alignment needs: a frozen LLM that cannot copy
+# cannot say a transcript however well the aligner hears it). The visual base adds captions and reading.
 init_from = "scratch"
 tokenizer = "data/toyav/tokenizer.json"
 encoders = "out/toy/encoders.safetensors"  # the toy's pretrained SigLIP and Whisper (data/toyav/pretrain_encoders.py)
@@ -18,11 +18,11 @@ arch = dict(  # every class as in the 7B model, tiny; vocab_size is taken from t
 lora_r = 0
 trainable = ("llm.",)
 use_audio = False
-train_data = "data/toyav/copy_train.jsonl,data/toyav/text_train.jsonl"
+train_data = "data/toyav/copy_train.jsonl"
 val_data = "data/toyav/copy_val.jsonl"
 tasks = ("text",)
 batch_size = 32
-steps = 500
+steps = 800
 lr = 3e-3
 warmup_ratio = 0.05
 out_dir = "out/toy/text"

@@ -75,14 +75,17 @@ def test_text_items_say_again_every_caption_and_audio_response_and_read_question
         for cap, it in zip(caps, read):
             qa = next(q for q in av if q["task"] == "qa" and q["video"] == cap["video"] and q["id"] + "_text" == it["id"])
             assert it["prompt"] == f"{cap['response']}\n\n{qa['prompt']}" and it["response"] == qa["answer"]
-        # copy: each audio item's response said again after its prompt, then 1-6 random toy words to transcribe
+        # copy: each audio item's response said again after its prompt, then 1-6 random toy words among runs of
+        # blanks to transcribe without them
         align = items(out, f"align_{split}")
         again, words = copy[:len(align)], copy[len(align):]
         assert [it["prompt"] for it in again] == [f"{a['response']}\n\n{a['prompt']}" for a in align]
         assert [it["response"] for it in again] == [a["response"] for a in align]
         assert len(words) == toy.SMALL_COPIES[split]
         for it in words:
-            assert it["prompt"] == f"{it['response']}\n\n{toy.ASR_PROMPT}"
+            spaced, instruction = it["prompt"].split("\n\n")
+            assert instruction == toy.ASR_PROMPT and spaced.split() == it["response"].split()
+            assert it["response"] == " ".join(spaced.split())  # one space between words, none around
             assert 1 <= len(it["response"].split()) <= 6 and all(w in toy.WORDS for w in it["response"].split())
 
 

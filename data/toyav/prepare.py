@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 SEED = 1337
 SPLITS = ["train", "val", "test"]
 CLIPS = {"train": 640, "val": 40, "test": 40}  # videos per split
-AUDIO_ITEMS = {"train": 600, "val": 50, "test": 50}  # audio-only items per split: half speech, half sounds
+AUDIO_ITEMS = {"train": 1000, "val": 50, "test": 50}  # audio-only items per split: half speech, half sounds
 IMAGES = {"train": 1000, "val": 20, "test": 20}  # one-frame clips of a random state, described, for the visual base
 COPIES = {"train": 2000, "val": 50, "test": 50}  # text items: random words to say again
 SMALL_CLIPS = {"train": 8, "val": 2, "test": 2}  # --small: enough of everything for the tests
@@ -591,12 +591,17 @@ def repeat_item(item):
 
 
 def copy_item(split, seed, i):
-    """A text-only item: 1-6 random words of the toy language to say again. Text that no template predicts is what
-    teaches a small LLM to copy (its induction heads form within a few hundred steps of these, and not of the
-    captions alone)."""
+    """A text-only item: 1-6 random words of the toy language, with runs of blanks before, between and after them,
+    to say again without the blanks. Text that no template predicts is what teaches a small LLM to copy, and the
+    blanks teach it to copy by content rather than by position: an utterance's words reach the LLM among the
+    audio tokens of silence around them, which a copier that takes the first token after the prompt's start would
+    say instead."""
     rng = np.random.default_rng([seed, SPLITS.index(split), 6, i])
-    words = " ".join(WORDS[w] for w in rng.integers(len(WORDS), size=int(rng.integers(1, 7))))
-    return {"id": f"{split}_{i:04d}_copy", "task": "text", "prompt": f"{words}\n\n{ASR_PROMPT}", "response": words}
+    words = [WORDS[w] for w in rng.integers(len(WORDS), size=int(rng.integers(1, 7)))]
+    blanks = lambda: " " * int(rng.integers(0, 4))
+    spaced = "".join(blanks() + (" " if n else "") + w for n, w in enumerate(words)) + blanks()
+    return {"id": f"{split}_{i:04d}_copy", "task": "text", "prompt": f"{spaced}\n\n{ASR_PROMPT}",
+            "response": " ".join(words)}
 
 
 def read_item(caption, qa):
