@@ -414,11 +414,14 @@ def main(argv):
     model, tok = load_model(c)
     metrics = toy_metrics(model, tok, c)
     with open(os.path.join(c["ckpt"], "train_config.json")) as f:
-        train_seconds = json.load(f).get("seconds", 0.0)
-    seconds = {c["stage"]: train_seconds + time.time() - t0}
+        trained = json.load(f)
+    seconds = {c["stage"]: trained.get("seconds", 0.0) + time.time() - t0}
     meta = os.path.join(c["data_dir"], "meta.json")  # the toy generator's own time
     if c["stage"] == "base" and os.path.exists(meta):
         seconds["prepare"] = json.load(open(meta))["seconds"]
+    text = os.path.join(str(trained.get("init_from")), "train_config.json")  # the toy's text stage, before the base
+    if c["stage"] == "base" and os.path.exists(text):
+        seconds["text"] = json.load(open(text)).get("seconds", 0.0)
     merge_results(c["results"], {c["stage"]: metrics}, seconds)
     print(f"{c['stage']}: {json.dumps(metrics)}")
 

@@ -2,7 +2,7 @@
 # paper's schedule shape (2e-5, 2e-5, 1e-5, then 2e-6), scaled up by 25 as the toy SFT's LoRA was.
 init_from = "out/toy/sft/final"
 rounds = 6
-steps_per_round = 40
+steps_per_round = 60
 round_lrs = (5e-4, 5e-4, 2.5e-4, 5e-5, 5e-5, 5e-5)
 lora_r = 4  # 1/32 of the toy width, as the paper's 128 is 1/28 of 3,584: each round's proxy is a small subspace
 lora_alpha = 8  # scale 2.0, as released

@@ -40,7 +40,7 @@ import prepare as world  # noqa: E402  the toy world's generator, next to this f
 from data import load_tokenizer, log_mel_spectrogram  # noqa: E402
 from encoders import SAMPLE_RATE, SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder  # noqa: E402
 
-VISION_STEPS, VISION_BATCH, VISION_LR = 600, 128, 2e-3
+VISION_STEPS, VISION_BATCH, VISION_LR = 1200, 128, 2e-3  # retrieval top-1: 80 % after 600 steps, 100 % after 1500
 AUDIO_STEPS, AUDIO_BATCH, AUDIO_LR = 800, 32, 2e-3
 AUDIO_SEGMENTS = 3000  # the Whisper corpus: 4 s segments, each a few sounds and utterances
 HEAD_WIDTH = 64  # width of the text tower, the pooling head, the Whisper decoder and the shared embedding
