@@ -6,9 +6,10 @@ init_from = "out/toy/text/final"
 lora_r = 0
 trainable = ("llm.", "projector.", "image_newline")
 use_audio = False
-train_data = ("data/toyav/base_train.jsonl," * 3 + "data/toyav/image_train.jsonl,"  # videos three times (a third
-              "data/toyav/copy_train.jsonl")  # of the items), single images, and the text stage's items: without them
-# the tiny LLM forgets in a few hundred steps what the frozen LLM of audio alignment needs (copying, the sound sentences)
+train_data = ("data/toyav/base_train.jsonl," * 3 + "data/toyav/image_train.jsonl,"  # videos three times, single
+              "data/toyav/copy_train.jsonl,data/toyav/text_train.jsonl")  # images, and the text stage's items: without
+# them the tiny LLM forgets in a few hundred steps what the frozen LLM of audio alignment needs (copying, the sound
+# sentences) and what SFT builds on (the speech sentences, reading a question)
 val_data = "data/toyav/base_val.jsonl"
 tasks = ("caption", "image", "text")
 batch_size = 16

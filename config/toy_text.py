@@ -1,7 +1,8 @@
 # Toy stage -1, the language model. The 7B model's LLM (Qwen2) comes pretrained on text; the toy's is trained here
-# from scratch on text-only items: words of the toy language among blanks, and transcripts, then an instruction to
-# say them again (the copying every real LLM does, which audio alignment needs: a frozen LLM that cannot copy
-# cannot say a transcript however well the aligner hears it). The visual base adds captions and reading.
+# from scratch on text-only items: words of the toy language among blanks, transcripts, sound descriptions and
+# captions, each followed by an instruction to say it again (the copying every real LLM does, which audio alignment
+# needs: a frozen LLM that cannot copy cannot say a transcript however well the aligner hears it; and every sentence
+# the captions use), and a caption followed by one of its questions (reading).
 init_from = "scratch"
 tokenizer = "data/toyav/tokenizer.json"
 encoders = "out/toy/encoders.safetensors"  # the toy's pretrained SigLIP and Whisper (data/toyav/pretrain_encoders.py)
@@ -18,7 +19,7 @@ arch = dict(  # every class as in the 7B model, tiny; vocab_size is taken from t
 lora_r = 0
 trainable = ("llm.",)
 use_audio = False
-train_data = "data/toyav/copy_train.jsonl"
+train_data = "data/toyav/copy_train.jsonl,data/toyav/text_train.jsonl"
 val_data = "data/toyav/copy_val.jsonl"
 tasks = ("text",)
 batch_size = 32
