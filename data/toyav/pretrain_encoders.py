@@ -10,11 +10,11 @@ aligning.
   sounds in 4 s segments (one segment is one encoder input). The decoder is then dropped.
 
 Frames and sounds are drawn fresh from the world's generator (prepare.py), seeded from the world's seed: pretraining
-data that the later stages never see as such. The encoders' shapes are those of the toy model (config/toy_base.py).
+data that the later stages never see as such. The encoders' shapes are those of the toy model (config/toy_text.py's arch).
 The weights go to out/toy/encoders.safetensors under a content hash of the world (its seed, generator and tokenizer),
 this code and the shapes: a later run with the same hash keeps them and returns at once.
 
-$ python data/toyav/pretrain_encoders.py              # about a minute on 2 cores, once per world
+$ python data/toyav/pretrain_encoders.py              # about 3 minutes on 2 cores, once per world
 $ python data/toyav/pretrain_encoders.py --steps_scale 0.05 --out /tmp/enc.safetensors   # a quick look
 """
 import argparse
