@@ -1,5 +1,5 @@
 # Toy MrDPO: the paper's rounds on the toy SFT model, with the exact toy judge. Learning rates keep the
-# paper's schedule shape (2e-5, 2e-5, 1e-5, then 2e-6), scaled up by 25 as the toy SFT's LoRA was.
+# paper's schedule shape (2e-5, 2e-5, 1e-5, then 2e-6), scaled up by 25 (the toy SFT's is 100x the paper's).
 init_from = "out/toy/sft/final"
 rounds = 6
 steps_per_round = 60
