@@ -173,7 +173,7 @@ def test_toy_stages_and_results_json(tmp_path):
         run(["eval.py", f"--stage={stage}", f"--ckpt={tmp_path / stage / 'final'}", f"--data_dir={d}", f"--results={res}",
              f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
     r = json.loads(res.read_text())
-    assert set(r["seconds"]) == {"prepare", "base", "align", "sft"} and all(v > 0 for v in r["seconds"].values())
+    assert set(r["seconds"]) == {"prepare", "text", "base", "align", "sft"} and all(v > 0 for v in r["seconds"].values())
     assert {"total", "miss", "hall"} <= set(r["base"]) and "asr_wer" in r["align"]
     assert {"miss", "hall", "total", "qa_acc", "accuracy"} <= set(r["sft"]) and 0 <= r["sft"]["qa_acc"] <= 1
     assert set(r["sft"]["accuracy"]) <= {"visual", "sound", "speech"}
