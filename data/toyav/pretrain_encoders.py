@@ -37,8 +37,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 import prepare as world  # noqa: E402  the toy world's generator, next to this file
-from data import load_tokenizer, log_mel_spectrogram  # noqa: E402
+from data import load_tokenizer, log_mel_spectrogram, merge_results  # noqa: E402
 from encoders import SAMPLE_RATE, SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder  # noqa: E402
+from training import lr_at  # noqa: E402
 
 VISION_STEPS, VISION_BATCH, VISION_LR = 1200, 128, 2e-3  # retrieval top-1: 80 % after 600 steps, 100 % after 1500
 AUDIO_STEPS, AUDIO_BATCH, AUDIO_LR = 800, 32, 2e-3
@@ -48,6 +49,7 @@ HEAD_LAYERS = 2  # layers of the text tower and of the Whisper decoder
 PITCHES = 16  # speaker pitches in the bank of synthesised words (the world draws them from a continuous range)
 SOUND_LABELS = {"tone": "({} tone)", "chirp": "({} chirp)", "noise": "(noise)"}  # a sound in a transcript
 EVAL_ITEMS = 512  # held-out Whisper segments
+WARMUP_RATIO, WEIGHT_DECAY, GRAD_CLIP = 0.05, 1e-4, 1.0  # both encoders' optimisation
 
 
 # -----------------------------------------------------------------------------
@@ -141,19 +143,13 @@ def pretrain_vision(cfg, tok, seed, scale_steps):
     t_scale, t_bias = nn.Parameter(torch.tensor(math.log(10.0))), nn.Parameter(torch.tensor(-10.0))  # SigLIP's init
     params = [*tower.parameters(), *head.parameters(), *text.parameters(), t_scale, t_bias]
     steps = max(1, round(VISION_STEPS * scale_steps))
-    opt = torch.optim.AdamW(params, lr=VISION_LR, weight_decay=1e-4)
     bank, rng = FrameBank(tok), np.random.default_rng([seed, 10])
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = schedule(step, steps, VISION_LR)
+
+    def batch_loss():
         x, ids, states = bank.batch(rng, VISION_BATCH)
-        loss = siglip_loss(head(tower(x)), text(ids), states, t_scale, t_bias)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"vision step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
+        return siglip_loss(head(tower(x)), text(ids), states, t_scale, t_bias)
+
+    loss = fit(params, steps, VISION_LR, batch_loss, "vision")
     with torch.no_grad():  # retrieval: is each frame's own description the closest of all the world's descriptions?
         sim = F.normalize(head(tower(bank.pixels)), dim=-1) @ F.normalize(text(bank.ids), dim=-1).T  # (N, N)
         top1 = (sim.argmax(1) == torch.arange(len(sim))).float().mean().item()
@@ -238,7 +234,6 @@ def pretrain_audio(cfg, tok, seed, scale_steps):
     decoder = Decoder(tok.get_vocab_size(), cfg.d_model, HEAD_WIDTH, HEAD_LAYERS)
     params = [p for p in [*encoder.parameters(), *decoder.parameters()] if p.requires_grad]
     steps = max(1, round(AUDIO_STEPS * scale_steps))
-    opt = torch.optim.AdamW(params, lr=AUDIO_LR, weight_decay=1e-4)
     # a fixed corpus, seen several times: a log-mel costs more than the tiny encoder's step on it
     mels, ids = audio_set(np.random.default_rng([seed, 20]), bank, AUDIO_SEGMENTS, cfg, tok)
     held = audio_set(np.random.default_rng([seed, 21]), bank, EVAL_ITEMS, cfg, tok)
@@ -249,17 +244,11 @@ def pretrain_audio(cfg, tok, seed, scale_steps):
         target = ids[:, 1:].masked_fill(ids[:, 1:] == 0, -100)
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100), logits, target
 
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = schedule(step, steps, AUDIO_LR)
+    def batch_loss():
         i = torch.randint(len(mels), (AUDIO_BATCH,), generator=order)
-        loss, _, _ = loss_of(mels[i], ids[i][:, :int((ids[i] > 0).sum(1).max())])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"audio step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
+        return loss_of(mels[i], ids[i][:, :int((ids[i] > 0).sum(1).max())])[0]
+
+    loss = fit(params, steps, AUDIO_LR, batch_loss, "audio")
     with torch.no_grad():  # every token right under teacher forcing: then greedy decoding writes the transcript exactly
         _, logits, target = loss_of(*held)
         right = (logits.argmax(-1) == target) | (target == -100)
@@ -267,10 +256,21 @@ def pretrain_audio(cfg, tok, seed, scale_steps):
     return encoder, {"audio_loss": round(loss.item(), 4), "transcripts_exact": round(exact, 4), "audio_steps": steps}
 
 
-def schedule(step, steps, lr, warmup=0.05):
-    """Linear warmup, then cosine to zero (train_sft.lr_at's shape)."""
-    warm = max(1, round(warmup * steps))
-    return lr * (step + 1) / warm if step < warm else lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+def fit(params, steps, lr, batch_loss, name):
+    """AdamW on params for steps, each on batch_loss() (a fresh batch's loss), at training.lr_at's schedule with the
+    global gradient norm clipped; prints the loss every 100 steps and returns the last one."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, WARMUP_RATIO)
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        opt.step()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            print(f"{name} step {step + 1}/{steps}: loss {loss.item():.4f}", flush=True)
+    return loss
 
 
 # -----------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def main():
             meta = f.metadata() or {}  # a file saved without metadata (not this script's) is trained over
         if meta.get("hash") == digest:
             print(f"{args.out}: pretrained encoders of this world and code (hash {digest}) are there; kept")
-            return merge_results(args.results, json.loads(meta["metrics"]), 0.0)
+            return record(args.results, json.loads(meta["metrics"]), 0.0)
     t0 = time.time()
     torch.manual_seed(seed)
     tok = load_tokenizer(os.path.join(args.data, "tokenizer.json"))
@@ -319,20 +319,13 @@ def main():
     save_file({k: v.contiguous() for k, v in state.items()}, args.out + ".tmp", metadata={"hash": digest, "metrics": json.dumps(metrics)})
     os.replace(args.out + ".tmp", args.out)
     print(f"encoders: {json.dumps(metrics)} -> {args.out}")
-    merge_results(args.results, metrics, seconds)
+    record(args.results, metrics, seconds)
 
 
-def merge_results(path, metrics, seconds):
-    """{"encoders": metrics} and seconds["encoders"] into a results.json (eval.merge_results' format)."""
-    if not path:
-        return
-    res = json.load(open(path)) if os.path.exists(path) else {}
-    res["encoders"] = metrics
-    res.setdefault("seconds", {})["encoders"] = round(seconds, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
+def record(path, metrics, seconds):
+    """{"encoders": metrics} and seconds["encoders"] into the results.json at path (none when path is "")."""
+    if path:
+        merge_results(path, {"encoders": metrics}, {"encoders": seconds})
 
 
 if __name__ == "__main__":
