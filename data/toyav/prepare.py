@@ -582,8 +582,8 @@ def main():
 
 
 def repeat_item(item):
-    """A text-only item: the response written out where the media would be (a text-only turn begins with it), a
-    blank line, then the item's own instruction; the response is to say it. A real base LLM already copies any
+    """A text-only item: the response written out where the media would be (a text-only item's media block is
+    empty), a blank line, then the item's own instruction; the response is to say it. A real base LLM already copies any
     text and follows these instructions; ours learns only what its training shows it, and the frozen LLM of audio
     alignment could otherwise never say a transcript, however well the aligner hears it."""
     return {"id": f"{item['id']}_text", "task": "text", "prompt": f"{item['response']}\n\n{item['prompt']}",
