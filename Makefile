@@ -20,9 +20,9 @@ test: setup
 # (each evaluated on the test split)
 toy: setup
 	$(PY) $(TOY)/prepare.py --seed $(TOY_SEED) --keep
-	rm -rf out/toy/results.json out/toy/text out/toy/base out/toy/align out/toy/sft out/toy/mrdpo out/toy/ablations*
-	$(PY) $(TOY)/pretrain_encoders.py --config config/toy_text.py --results out/toy/results.json
-	$(PY) train_sft.py config/toy_text.py
+	rm -rf out/toy/results.json out/toy/vision out/toy/base out/toy/align out/toy/sft out/toy/mrdpo out/toy/ablations*
+	$(PY) $(TOY)/pretrain_encoders.py --config config/toy_vision.py --results out/toy/results.json
+	$(PY) train_sft.py config/toy_vision.py
 	$(PY) train_sft.py config/toy_base.py
 	$(PY) eval.py --stage=base --ckpt=out/toy/base/final
 	$(PY) train_align.py config/toy_align.py

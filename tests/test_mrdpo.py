@@ -211,7 +211,7 @@ def toy(tmp_path_factory):
     cfg.write_text(f"tokenizer = {str(d / 'data' / 'tokenizer.json')!r}\ntrain_data = {str(d / 'data' / 'train.jsonl')!r}\n"
                    f"val_data = ''\nout_dir = {str(d / 'sft')!r}\ncache_dir = {str(d / 'cache')!r}\nsteps = 3\n"
                    "batch_size = 2\nlora_r = 0\ntrainable = ('llm.', 'projector.', 'image_newline', 'audio.')\n")
-    out = subprocess.run([sys.executable, "train_sft.py", "config/toy_text.py", str(cfg), "--use_audio=True",
+    out = subprocess.run([sys.executable, "train_sft.py", "config/toy_vision.py", str(cfg), "--use_audio=True",
                           "--tasks=('caption','qa')", "--encoders="], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     return d

@@ -35,7 +35,7 @@ def load(name):
 
 pe, ab = load("pretrain_encoders"), load("ablations")
 
-ARCH = dict(  # the toy's classes, tinier than config/toy_text.py's; frames stay the world's 64 x 64
+ARCH = dict(  # the toy's classes, tinier than config/toy_vision.py's; frames stay the world's 64 x 64
     llm=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
              tie_word_embeddings=True),
     vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=64,
@@ -168,7 +168,7 @@ def test_content_hash_follows_the_world_the_arch_and_the_steps(worlds):
 
 def scratch_config(world, tmp_path, encoders, arch=None):
     import train_sft
-    return configure(dict(vars(train_sft)), [os.path.join(ROOT, "config", "toy_text.py"), arch or arch_file(tmp_path / "arch.py"),
+    return configure(dict(vars(train_sft)), [os.path.join(ROOT, "config", "toy_vision.py"), arch or arch_file(tmp_path / "arch.py"),
                                              f"--tokenizer={world / 'tokenizer.json'}", f"--encoders={encoders}",
                                              "--device=cpu", "--dtype=float32"])
 

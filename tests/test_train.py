@@ -145,13 +145,13 @@ def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
 
 def test_toy_stages_and_results_json(tmp_path):
     """The make toy chain on the small toy world: each stage trains a few steps and its evaluation
-    lands in results.json under the keys that external checks read. The scratch stage (the text stage) loads the
+    lands in results.json under the keys that external checks read. The scratch stage (the vision stage) loads the
     pretrained encoders, which no later stage changes."""
     from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
     from safetensors.torch import save_file
     d = tmp_path / "toyav"
     run(["data/toyav/prepare.py", "--small", "--out", str(d)])
-    arch = runpy.run_path(os.path.join(ROOT, "config", "toy_text.py"))["arch"]
+    arch = runpy.run_path(os.path.join(ROOT, "config", "toy_vision.py"))["arch"]
     torch.manual_seed(3)  # encoders unlike any scratch model's: standing in for pretrain_encoders.py's, of the toy's arch
     tower, whisper = SiglipVision(SiglipVisionConfig(**arch["vision"])), WhisperEncoder(WhisperConfig(**arch["whisper"]))
     encoders = {**{f"tower.{k}": v for k, v in tower.state_dict().items()},
@@ -159,11 +159,11 @@ def test_toy_stages_and_results_json(tmp_path):
     save_file(encoders, str(tmp_path / "encoders.safetensors"))
     res = tmp_path / "results.json"
     common = [f"--cache_dir={tmp_path / 'cache'}", "--steps=2", "--batch_size=2", "--val_data="]
-    run(["train_sft.py", "config/toy_text.py", *common, f"--tokenizer={d / 'tokenizer.json'}",
-         f"--encoders={tmp_path / 'encoders.safetensors'}", f"--train_data={d / 'copy_train.jsonl'},{d / 'text_train.jsonl'}",
-         f"--out_dir={tmp_path / 'text'}"])
-    stages = [("train_sft.py", "config/toy_base.py", "base", f"--init_from={tmp_path / 'text' / 'final'}",
-               f"--train_data={d / 'base_train.jsonl'},{d / 'image_train.jsonl'},{d / 'text_train.jsonl'}"),
+    run(["train_sft.py", "config/toy_vision.py", *common, f"--tokenizer={d / 'tokenizer.json'}",
+         f"--encoders={tmp_path / 'encoders.safetensors'}", f"--train_data={d / 'base_train.jsonl'}",
+         f"--out_dir={tmp_path / 'vision'}"])
+    stages = [("train_sft.py", "config/toy_base.py", "base", f"--init_from={tmp_path / 'vision' / 'final'}",
+               f"--train_data={d / 'copy_train.jsonl'},{d / 'base_train.jsonl'}"),
               ("train_align.py", "config/toy_align.py", "align", f"--init_from={tmp_path / 'base' / 'final'}",
                f"--train_data={d / 'align_train.jsonl'}"),
               ("train_sft.py", "config/toy_sft.py", "sft", f"--init_from={tmp_path / 'align' / 'final'}",
@@ -173,11 +173,11 @@ def test_toy_stages_and_results_json(tmp_path):
         run(["eval.py", f"--stage={stage}", f"--ckpt={tmp_path / stage / 'final'}", f"--data_dir={d}", f"--results={res}",
              f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
     r = json.loads(res.read_text())
-    assert set(r["seconds"]) == {"prepare", "text", "base", "align", "sft"} and all(v > 0 for v in r["seconds"].values())
+    assert set(r["seconds"]) == {"prepare", "vision", "base", "align", "sft"} and all(v > 0 for v in r["seconds"].values())
     assert {"total", "miss", "hall"} <= set(r["base"]) and "asr_wer" in r["align"]
     assert {"miss", "hall", "total", "qa_acc", "accuracy"} <= set(r["sft"]) and 0 <= r["sft"]["qa_acc"] <= 1
     assert set(r["sft"]["accuracy"]) <= {"visual", "sound", "speech"}
-    for stage in ("text", "base", "align", "sft"):  # the encoders are frozen from the text stage on
+    for stage in ("vision", "base", "align", "sft"):  # the encoders are frozen from the vision stage on
         m = VideoSALMONN2.from_pretrained(tmp_path / stage / "final")
         state = {f"tower.{k}": v for k, v in m.tower.state_dict().items()}
         state.update({f"speech_encoder.{k}": v for k, v in m.speech_encoder.state_dict().items()})

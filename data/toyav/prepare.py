@@ -68,7 +68,9 @@ PLOSIVES = {"p": 800, "b": 800, "k": 2000, "g": 2000, "t": 4000, "d": 4000}  # c
 FRICATIVES = {"f": 3000, "s": 6000, "z": 6000}  # centre Hz of the hiss
 NASALS = {"m": 1000, "n": 1600}  # second resonance Hz of the hum through the nose
 VOICED = set("bgdzmn")  # consonants with the vocal folds buzzing
-VOWEL_SECONDS, WORD_GAP = 0.16, 0.08
+VOWEL_SECONDS = 0.16
+WORD_SECONDS = 0.5  # a word's slot, silence after it: the toy speaks one word to an audio token (0.5 s Q-Former
+# windows from the second an utterance starts), so the aligner can hand the LLM one word a token to copy
 SPEECH_FRACTION = 0.35  # of a clip's audio events; the rest are tones, chirps and noise
 PITCH = (120, 200)  # Hz range of a speaker's voice
 
@@ -198,14 +200,18 @@ def consonant(c, f0):
     return hiss + 0.2 * fade(hum(0.1)) if c in VOICED else hiss
 
 
-def speech(words, f0):
-    """An utterance of toy words, each two consonant-vowel syllables, peak 0.5."""
+def word_sound(w, f0):
+    """One toy word, two consonant-vowel syllables (0.42-0.49 s), then silence to the end of its WORD_SECONDS slot."""
     pieces = []
-    for w in words:
-        for c, v in (w[0:2], w[2:4]):
-            pieces += [consonant(c, f0), fade(voiced(f0, VOWELS[v], VOWEL_SECONDS), 0.02)]
-        pieces.append(np.zeros(round(WORD_GAP * SR)))
-    out = np.concatenate(pieces[:-1])
+    for c, v in (w[0:2], w[2:4]):
+        pieces += [consonant(c, f0), fade(voiced(f0, VOWELS[v], VOWEL_SECONDS), 0.02)]
+    out = np.concatenate(pieces)
+    return np.pad(out, (0, round(WORD_SECONDS * SR) - len(out)))
+
+
+def speech(words, f0):
+    """An utterance of toy words, one a slot, peak 0.5."""
+    out = np.concatenate([word_sound(w, f0) for w in words])
     return 0.5 * out / np.abs(out).max()
 
 
@@ -488,7 +494,8 @@ def make_audio_item(job):
     silence = lambda lo, hi: np.zeros(round(rng.uniform(lo, hi) * SR))
     if i % 2 == 0:
         words = [WORDS[w] for w in rng.choice(len(WORDS), int(rng.integers(1, 5)), replace=False)]
-        audio = np.concatenate([silence(0.3, 1.5), speech(words, rng.uniform(*PITCH)), silence(0.3, 1.5)])
+        lead = np.zeros(round(int(rng.integers(1, 4)) * WORD_SECONDS * SR))  # an utterance starts on a slot, as in clips
+        audio = np.concatenate([lead, speech(words, rng.uniform(*PITCH)), silence(0.3, 1.5)])
         task, prompt, response = "asr", ASR_PROMPT, " ".join(words)
     else:
         keys, pieces = [list(pick(rng, SOUND_KEYS)) for _ in range(int(rng.integers(1, 4)))], []

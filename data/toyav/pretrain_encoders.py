@@ -10,7 +10,7 @@ aligning.
   sounds in 4 s segments (one segment is one encoder input). The decoder is then dropped.
 
 Frames and sounds are drawn fresh from the world's generator (prepare.py), seeded from the world's seed: pretraining
-data that the later stages never see as such. The encoders' shapes are those of the toy model (config/toy_text.py's arch).
+data that the later stages never see as such. The encoders' shapes are those of the toy model (config/toy_vision.py's arch).
 The weights go to out/toy/encoders.safetensors under a content hash of the world (its seed, generator and tokenizer),
 this code and the shapes: a later run with the same hash keeps them and returns at once.
 
@@ -166,18 +166,11 @@ class SoundBank:
 
     def __init__(self):
         self.pitches = np.linspace(*world.PITCH, PITCHES)
-        self.words = {(w, i): self._word(w, f0) for w in world.WORDS for i, f0 in enumerate(self.pitches)}
-
-    @staticmethod
-    def _word(w, f0):  # prepare.speech's pieces of one word, without its normalisation
-        pieces = []
-        for c, v in (w[0:2], w[2:4]):
-            pieces += [world.consonant(c, f0), world.fade(world.voiced(f0, world.VOWELS[v], world.VOWEL_SECONDS), 0.02)]
-        return np.concatenate(pieces)
+        self.words = {(w, i): world.word_sound(w, f0) for w in world.WORDS for i, f0 in enumerate(self.pitches)}
 
     def utterance(self, words, rng):
-        i, gap = int(rng.integers(PITCHES)), np.zeros(round(world.WORD_GAP * SAMPLE_RATE))
-        out = np.concatenate([p for w in words for p in (self.words[w, i], gap)][:-1])
+        i = int(rng.integers(PITCHES))
+        out = np.concatenate([self.words[w, i] for w in words])
         return 0.5 * out / np.abs(out).max()
 
 
@@ -293,7 +286,7 @@ def content_hash(data_dir, arch, scale_steps):
 def main():
     parser = argparse.ArgumentParser(description="Pretrain the toy world's SigLIP tower and Whisper encoder.")
     parser.add_argument("--data", default=HERE, help="the toy world's directory (its tokenizer and meta.json)")
-    parser.add_argument("--config", default=os.path.join(ROOT, "config", "toy_text.py"), help="holds the toy arch")
+    parser.add_argument("--config", default=os.path.join(ROOT, "config", "toy_vision.py"), help="holds the toy arch")
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "toy", "encoders.safetensors"))
     parser.add_argument("--steps_scale", type=float, default=1.0, help="a fraction of the steps, for tests")
     parser.add_argument("--results", default="", help="a results.json to add the metrics and seconds to")
