@@ -291,6 +291,22 @@ def test_audio_only_items(out):
                 assert it["prompt"] == toy.AUDIO_CAPTION_PROMPT and 1 <= len(toy.parse_caption(it["response"])) <= 3
 
 
+def test_speech_says_one_word_to_a_slot(out):
+    """Each toy word fills the start of its own 0.5 s slot (one aligner window) and is silent at its end, and an
+    alignment item's utterance starts on a slot boundary."""
+    slot = round(toy.WORD_SECONDS * toy.SR)
+    x = toy.speech(["bako", "mizu", "fimo"], 150)
+    assert len(x) == 3 * slot
+    for k in range(3):
+        word = np.abs(x[k * slot:(k + 1) * slot])
+        assert word[:round(0.3 * toy.SR)].max() > 0.1 and word[-round(0.005 * toy.SR):].max() == 0
+    for it in (it for it in items(out, "align_train") if it["task"] == "asr"):
+        with wave.open(str(out / it["audio"])) as f:
+            y = np.frombuffer(f.readframes(f.getnframes()), "<i2")
+        first = np.flatnonzero(y)[0]  # an unvoiced plosive begins with 30 ms of closure
+        assert first % slot < round(0.035 * toy.SR) and 1 <= first // slot <= 3
+
+
 def band_power(x, lo, hi):
     spectrum, f = np.abs(np.fft.rfft(x)) ** 2, np.fft.rfftfreq(len(x), 1 / 16000)
     return spectrum[(f >= lo) & (f < hi)].mean()
