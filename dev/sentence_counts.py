@@ -1,0 +1,43 @@
+"""
+What the toy captions say, by event type: for each checkpoint, the sentences its greedy test captions state and how
+many of them are right (an event of the clip, each counted once), against the events there are. A diagnostic for
+issue 13 (dev/LOG.md): where MrDPO's lower Total comes from. Not part of make toy.
+
+$ python dev/sentence_counts.py out/toy/sft/final out/toy/mrdpo/final
+"""
+import collections
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as E  # noqa: E402
+from data import read_manifest  # noqa: E402
+from judge import ToyJudge  # noqa: E402
+
+TYPES = ("visual", "sound", "speech", "unknown")  # unknown: a sentence no template makes
+
+
+def main():
+    world = ToyJudge().world
+    items = [it for it in read_manifest(os.path.join(ROOT, "data", "toyav", "test.jsonl")) if it["task"] == "caption"]
+    for ckpt in sys.argv[1:]:
+        c = {k: getattr(E, k) for k in ("fps", "max_frames", "batch", "dtype", "device", "tokenizer")}
+        c.update(ckpt=ckpt, cache_dir=os.path.join(ROOT, E.cache_dir), task="", stage="counts")
+        model, tok = E.load_model(c)
+        kept, outs = E.answers(model, tok, items, c, E.max_new_tokens)
+        said, right = collections.Counter(), collections.Counter()
+        for it, (text, _) in zip(kept, outs):
+            left = collections.Counter(tuple(e["key"]) for e in it["events"])
+            for key in map(tuple, world.parse_caption(text)):
+                kind = "unknown" if key[0] == "unknown" else world.event_type(list(key))
+                said[kind] += 1
+                if left[key]:
+                    left[key] -= 1
+                    right[kind] += 1
+        events = collections.Counter(e["type"] for it in kept for e in it["events"])
+        print(ckpt + ": " + ", ".join(f"{t} {said[t]} said, {right[t]} right, of {events[t]}" for t in TYPES))
+
+
+if __name__ == "__main__":
+    main()
