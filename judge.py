@@ -70,17 +70,24 @@ class ToyJudge:
     def judge_all(self, items, seed=None, workers=None):
         return [{"id": it.get("id", i), **self.judge(it["caption"], it["events"])} for i, it in enumerate(items)], {}
 
+    def sentence_counts(self, captions, items):
+        """By event type (visual, sound, speech; "unknown": a sentence no template makes), three Counters: the
+        sentences the captions state, how many of them are right (an event of the clip, each counted once), and the
+        clips' events."""
+        said, right, events = Counter(), Counter(), Counter()
+        for caption, it in zip(captions, items):
+            truth = Counter(tuple(e["key"]) for e in it["events"])
+            for key, n in Counter(map(tuple, self.world.parse_caption(caption))).items():
+                kind = "unknown" if key[0] == "unknown" else self.world.event_type(list(key))
+                said[kind] += n
+                right[kind] += min(n, truth[key])
+            events.update(e["type"] for e in it["events"])
+        return said, right, events
+
     def accuracy(self, captions, items):
         """The fraction of ground-truth events of each type (visual, sound, speech) that the captions state exactly."""
-        found, total = Counter(), Counter()
-        for caption, it in zip(captions, items):
-            stated = Counter(map(tuple, self.world.parse_caption(caption)))
-            for e in it["events"]:
-                total[e["type"]] += 1
-                if stated[tuple(e["key"])]:
-                    stated[tuple(e["key"])] -= 1
-                    found[e["type"]] += 1
-        return {t: found[t] / total[t] for t in sorted(total)}
+        _, right, events = self.sentence_counts(captions, items)
+        return {t: right[t] / events[t] for t in sorted(events)}
 
     def close(self):
         pass

@@ -5,7 +5,6 @@ issue 13 (dev/LOG.md): where MrDPO's lower Total comes from. Not part of make to
 
 $ python dev/sentence_counts.py out/toy/sft/final out/toy/mrdpo/final
 """
-import collections
 import os
 import sys
 
@@ -19,23 +18,14 @@ TYPES = ("visual", "sound", "speech", "unknown")  # unknown: a sentence no templ
 
 
 def main():
-    world = ToyJudge().world
+    judge = ToyJudge()
     items = [it for it in read_manifest(os.path.join(ROOT, "data", "toyav", "test.jsonl")) if it["task"] == "caption"]
     for ckpt in sys.argv[1:]:
         c = {k: getattr(E, k) for k in ("fps", "max_frames", "batch", "dtype", "device", "tokenizer")}
         c.update(ckpt=ckpt, cache_dir=os.path.join(ROOT, E.cache_dir), task="", stage="counts")
         model, tok = E.load_model(c)
         kept, outs = E.answers(model, tok, items, c, E.max_new_tokens)
-        said, right = collections.Counter(), collections.Counter()
-        for it, (text, _) in zip(kept, outs):
-            left = collections.Counter(tuple(e["key"]) for e in it["events"])
-            for key in map(tuple, world.parse_caption(text)):
-                kind = "unknown" if key[0] == "unknown" else world.event_type(list(key))
-                said[kind] += 1
-                if left[key]:
-                    left[key] -= 1
-                    right[kind] += 1
-        events = collections.Counter(e["type"] for it in kept for e in it["events"])
+        said, right, events = judge.sentence_counts([text for text, _ in outs], kept)
         print(ckpt + ": " + ", ".join(f"{t} {said[t]} said, {right[t]} right, of {events[t]}" for t in TYPES))
 
 

@@ -300,6 +300,19 @@ def test_rates_and_toy_judge_unchanged():
     assert rates([j]) == {"miss": 0.5, "hall": 1.0, "total": 1.5, "judged": 1}
 
 
+def test_toy_sentence_counts_count_a_repeated_event_right_once():
+    """What a toy caption states by type: a sentence said twice is right once, a wrong sound is said but not right,
+    a sentence no template makes is "unknown"; accuracy is right over the clip's events."""
+    toy = ToyJudge()
+    events = [{"text": "A red circle appears.", "key": ["appear", "red", "circle"], "type": "visual"},
+              {"text": "A low tone plays.", "key": ["tone", "low"], "type": "sound"}]
+    caption = "A red circle appears. A red circle appears. A high tone plays. The cat sat on the mat."
+    said, right, total = toy.sentence_counts([caption], [{"events": events}])
+    assert (said, right, total) == ({"visual": 2, "sound": 1, "unknown": 1}, {"visual": 1, "sound": 0, "unknown": 0},
+                                    {"visual": 1, "sound": 1})
+    assert toy.accuracy([caption], [{"events": events}]) == {"sound": 0.0, "visual": 1.0}
+
+
 def test_no_judged_item_gives_no_rate():
     """A judge that failed on every item must not look like a perfect model (Total 0 %)."""
     with pytest.raises(ValueError, match="no rate"):
