@@ -10,7 +10,6 @@ Printed: held-out accuracy on the windows that hold a word (chance 1/12) and on 
 $ python dev/probe_aligner.py out/toy/align/final
 """
 import copy
-import importlib.util
 import os
 import sys
 
@@ -23,13 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from checkpoint import load_model  # noqa: E402
 from data import log_mel_spectrogram  # noqa: E402
+from judge import ToyJudge  # noqa: E402
 
 STEPS, BATCH, LR = 300, 32, 1e-3  # probe training
 TRAIN, TEST = 800, 200  # utterances
 
-spec = importlib.util.spec_from_file_location("toyav", os.path.join(ROOT, "data", "toyav", "prepare.py"))
-world = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(world)
+world = ToyJudge().world  # data/toyav/prepare.py, loaded from its file as the judge loads it
 SILENCE = len(world.WORDS)  # the label of a window without a word
 
 
