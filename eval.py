@@ -419,9 +419,9 @@ def main(argv):
     meta = os.path.join(c["data_dir"], "meta.json")  # the toy generator's own time
     if c["stage"] == "base" and os.path.exists(meta):
         seconds["prepare"] = json.load(open(meta))["seconds"]
-    vision = os.path.join(str(trained.get("init_from")), "train_config.json")  # the toy's stage before the base
-    if c["stage"] == "base" and os.path.exists(vision):
-        seconds["vision"] = json.load(open(vision)).get("seconds", 0.0)
+    before = os.path.join(str(trained.get("init_from")), "train_config.json")  # the toy's stage before the base
+    if c["stage"] == "base" and os.path.exists(before):  # under its directory's name: vision (make toy), copy (make hear)
+        seconds[os.path.basename(os.path.dirname(os.path.normpath(trained["init_from"])))] = json.load(open(before)).get("seconds", 0.0)
     merge_results(c["results"], {c["stage"]: metrics}, seconds)
     print(f"{c['stage']}: {json.dumps(metrics)}")
 

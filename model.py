@@ -317,6 +317,29 @@ class Qwen2(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# the toy's alignment anchor (not in the paper)
+
+
+def anchor_loss(tokens, targets, emb, blank, tau):
+    """The aligner's tokens anchored to the frozen LLM's token embeddings: CTC (Graves et al., 2006) of each
+    transcript's token ids, every audio token scored against every embedding by its squared distance over tau
+    (silent windows take the blank token), plus VQ-VAE's commitment term, the squared distance to the nearest
+    embedding, which goes on pulling a token onto its word after CTC has picked it.
+    A large LLM reads whatever vectors its aligner learns through it; a tiny one trained in minutes reads only
+    its own embeddings, and an aligner trained through it alone collapses onto one direction (dev/LOG.md).
+    tokens: list of (N_i, D) audio tokens; targets: list of token-id lists; emb: (V, D), frozen.
+    Returns (CTC loss per target token averaged over transcripts, commitment averaged over tokens)."""
+    n = [t.size(0) for t in tokens]
+    x = torch.stack([F.pad(t.float(), (0, 0, 0, max(n) - t.size(0))) for t in tokens])  # (B, N, D)
+    d2 = torch.cdist(x, emb.detach().float()[None].expand(len(tokens), -1, -1)).square()  # (B, N, V)
+    log_probs = (-d2 / tau).log_softmax(-1).transpose(0, 1)  # (N, B, V), CTC's layout
+    flat = torch.tensor([i for t in targets for i in t], device=x.device)
+    ctc = F.ctc_loss(log_probs, flat, n, [len(t) for t in targets], blank=blank, zero_infinity=True)
+    real = torch.arange(max(n), device=x.device)[None] < torch.tensor(n, device=x.device)[:, None]  # (B, N)
+    return ctc, d2.min(-1).values[real].mean()
+
+
+# -----------------------------------------------------------------------------
 # video-SALMONN 2: the audio-visual model
 
 # openai/whisper-large-v3's encoder, whose config the released checkpoint does not carry
@@ -462,17 +485,27 @@ class VideoSALMONN2(nn.Module):
             return vis.reshape(-1, vis.size(-1))
         return self.interleave(vis, self.audio(aud_feats).to(vis.dtype), frame_times, duration)
 
-    def embed_sequence(self, feats, prompt_ids, response_ids):
-        """One training sequence: (embeds (1, P + R, D), P) for the prompt around the AV block, then the response."""
-        prefix = self.prompt_embeds(prompt_ids[0], self.av_tokens(*feats), prompt_ids[1])
+    def embed_sequence(self, feats, prompt_ids, response_ids, av=None):
+        """One training sequence: (embeds (1, P + R, D), P) for the prompt around the AV block (av, or made from
+        feats), then the response."""
+        av = self.av_tokens(*feats) if av is None else av
+        prefix = self.prompt_embeds(prompt_ids[0], av, prompt_ids[1])
         response = self.llm.embed_tokens(torch.tensor(response_ids, device=prefix.device))[None]
         return torch.cat([prefix, response.to(prefix.dtype)], dim=1), prefix.size(1)
 
-    def forward(self, batch):
+    def forward(self, batch, transcripts=None, blank=0, tau=0.01):
         """Training: batch = [(features, (before, after) prompt ids, response ids)] -> (summed response NLL,
         token count). Going through forward lets FSDP gather the root's parameters (projector, aligner,
-        embeddings) once for the whole step."""
-        return self.response_nll([(*self.embed_sequence(f, p, r), r) for f, p, r in batch])
+        embeddings) once for the whole step. With transcripts (each audio-only example's transcript ids, or
+        None) it also returns anchor_loss's (ctc, commitment) of those examples' audio tokens."""
+        avs = [self.av_tokens(*f) for f, _, _ in batch]
+        nll = self.response_nll([(*self.embed_sequence(None, p, r, av), r) for av, (_, p, r) in zip(avs, batch)])
+        if transcripts is None:
+            return nll
+        pairs = [(av, t) for av, t in zip(avs, transcripts) if t]
+        if not pairs:
+            return nll, (nll[0] * 0, nll[0] * 0)
+        return nll, anchor_loss([av for av, _ in pairs], [t for _, t in pairs], self.llm.embed_tokens.weight, blank, tau)
 
     def response_nll(self, seqs):
         """Summed negative log-likelihood of the responses, and their token count, for a list of

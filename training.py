@@ -66,6 +66,9 @@ weight_decay = 0.0  # AdamW weight decay
 grad_clip = 1.0  # max global gradient norm (0: off)
 max_bad_steps = 10  # consecutive non-finite losses before the run stops
 activation_checkpointing = False  # recompute each LLM block in backward to save memory
+anchor = 0.0  # weight of the aligner's vocabulary anchor on ASR items (model.anchor_loss); 0 as in the paper, the toy's needs it
+anchor_commit = 0.1  # weight of the anchor's commitment term
+anchor_tau = 0.01  # temperature of the anchor's squared distances
 # system
 out_dir = "out/sft"  # checkpoints (ckpt/), the final model (final/), log.jsonl
 log_every = 10  # steps between log lines
@@ -77,6 +80,7 @@ seed = 2024  # data order, LoRA init, dropout
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # parameter dtype of the frozen backbone
 # -----------------------------------------------------------------------------
+ANCHOR_BLANK = "Ġ"  # a space in byte-level BPE (the toy's and Qwen2's): the token a silent window anchors to
 # dense bf16 FLOP/s by device name, the first key found in torch.cuda.get_device_name() wins (so PCIe before SXM)
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
               "A100": 312e12, "A800": 312e12}
@@ -358,13 +362,25 @@ def batch_indices(cursor, n, batch_size, seed, rank):
     return [order(n, k // n, seed)[k % n] for k in range(cursor + rank * batch_size, cursor + (rank + 1) * batch_size)]
 
 
-def step_loss(model, batch, world, dev, dtype):
+def step_loss(model, batch, world, dev, dtype, anchor=None, blank=0):
     """Mean token NLL over the global batch: each rank's sum over the global count, times the world size,
-    since FSDP averages the gradients over ranks."""
+    since FSDP averages the gradients over ranks. anchor = (transcripts, c): plus the aligner's anchor on the
+    examples with a transcript (model.anchor_loss; blank: the blank's token id), each rank's mean."""
+    extra = 0.0
     with autocast(dev, dtype):
-        nll, n = model(batch)
+        if anchor is None:
+            nll, n = model(batch)
+        else:
+            transcripts, c = anchor
+            (nll, n), (ctc, commit) = model(batch, transcripts, blank, c["anchor_tau"])
+            extra = c["anchor"] * ctc + c["anchor_commit"] * commit
     count = all_sum(torch.tensor(float(n), device=nll.device), world)
-    return nll * world / count
+    return nll * world / count + extra
+
+
+def transcript_ids(tok, item):
+    """The token ids an ASR item's audio tokens anchor to (a leading space: every word in its in-sentence form)."""
+    return tok.encode(" " + item["response"]).ids if item["task"] == "asr" else None
 
 
 def train(c, stage):
@@ -380,6 +396,8 @@ def train(c, stage):
     os.makedirs(c["out_dir"], exist_ok=True)
     torch.manual_seed(c["seed"])  # the same initial weights on every rank
     model, tok = build_model(c, dev)
+    if c["anchor"] and not isinstance(model, VideoSALMONN2):
+        raise UserError("anchor: only video-SALMONN 2's window-level aligner has one token per 0.5 s to anchor")
     torch.manual_seed(c["seed"] + 1 + rank)  # then each rank its own dropout
     ckpt = os.path.join(c["out_dir"], "ckpt")
     meta, found = checkpoint_meta(ckpt) if c["resume"] else (None, None)
@@ -412,9 +430,11 @@ def train(c, stage):
     bar = tqdm(total=c["steps"], initial=step, disable=not master, desc=stage)
     model.train()
     while step < c["steps"]:
-        batch = [data.example(i, dev) for i in batch_indices(cursor, len(data.items), c["batch_size"], c["seed"], rank)]
+        picked = batch_indices(cursor, len(data.items), c["batch_size"], c["seed"], rank)
+        batch = [data.example(i, dev) for i in picked]
         cursor += c["batch_size"] * world
-        loss = step_loss(model, batch, world, dev, c["dtype"])
+        anchor = ([transcript_ids(tok, data.items[i]) for i in picked], c) if c["anchor"] else None
+        loss = step_loss(model, batch, world, dev, c["dtype"], anchor, tok.token_to_id(ANCHOR_BLANK))
         finite = stepper.step(loss, lr_at(step, c["steps"], c["lr"], c["warmup_ratio"]), f"step {step}")
         step += 1
         bar.update()

@@ -1,0 +1,106 @@
+"""The toy's alignment anchor (model.anchor_loss): CTC equal to its sum over alignments, the commitment term in
+closed form, and the option wired through the alignment stage to the aligner alone."""
+import itertools
+import json
+import math
+import os
+import runpy
+
+import torch
+
+from model import AVConfig, VideoSALMONN2, anchor_loss
+from test_train import ARCH, ROOT, final_weights, run, world, write_config  # noqa: F401  world is a fixture
+
+torch.manual_seed(0)
+
+
+def ctc_nll_by_enumeration(log_probs, target, blank):
+    """-log of the summed probability of every path of T labels that collapses to target (repeats merged, then
+    blanks dropped): CTC's definition (Graves et al., 2006, Eq. 2-3), by brute force."""
+    T, V = log_probs.shape
+    total = []
+    for path in itertools.product(range(V), repeat=T):
+        merged = [p for i, p in enumerate(path) if i == 0 or p != path[i - 1]]
+        if [p for p in merged if p != blank] == target:
+            total.append(sum(log_probs[t, p] for t, p in enumerate(path)))
+    return -torch.logsumexp(torch.stack(total), 0)
+
+
+def test_anchor_ctc_equals_the_sum_over_its_alignments():
+    emb = torch.randn(4, 6)
+    tokens = [torch.randn(4, 6), torch.randn(3, 6)]  # two items, the second shorter: padding must not count
+    targets = [[1, 2], [3]]
+    tau, blank = 2.0, 0
+    ctc, _ = anchor_loss(tokens, targets, emb, blank, tau)
+    want = []
+    for x, t in zip(tokens, targets):
+        d2 = ((x[:, None, :] - emb[None]) ** 2).sum(-1)  # (N, V)
+        want.append(ctc_nll_by_enumeration((-d2 / tau).log_softmax(-1), t, blank) / len(t))  # per target token
+    assert torch.allclose(ctc, torch.stack(want).mean(), atol=1e-4), (ctc, want)
+
+
+def test_anchor_commitment_is_the_squared_distance_to_the_nearest_embedding():
+    emb = torch.eye(5) * 3  # rows far apart: a small offset keeps each token nearest to its own row
+    offsets = [torch.full((2, 5), 0.1), torch.full((1, 5), -0.2)]
+    tokens = [emb[[1, 4]] + offsets[0], emb[[2]] + offsets[1]]
+    _, commit = anchor_loss(tokens, [[1], [2]], emb, 0, 0.01)
+    assert math.isclose(commit.item(), (2 * 5 * 0.01 + 5 * 0.04) / 3, rel_tol=1e-5)
+    _, exact = anchor_loss([emb[[1, 2, 3]]], [[1, 2, 3]], emb, 0, 0.01)
+    assert exact.item() < 1e-6
+
+
+def test_forward_with_transcripts_anchors_only_the_items_that_have_one():
+    m = VideoSALMONN2(AVConfig.from_dict(dict(ARCH, llm=dict(ARCH["llm"], vocab_size=50)))).eval()
+    aud = [torch.randn(1, 100, 16), torch.randn(2, 100, 16)]  # Whisper features: one segment, then two
+    batch = [((None, a, [0.0], 2.0 * a.size(0)), ([1, 2], [3]), [5, 6, 7]) for a in aud]
+    with torch.no_grad():
+        nll = m(batch)
+        nll_too, (ctc, commit) = m(batch, [None, [8, 9]], blank=4, tau=0.5)
+        want = anchor_loss([m.audio(aud[1])], [[8, 9]], m.llm.embed_tokens.weight, 4, 0.5)
+    assert torch.equal(nll[0], nll_too[0]) and nll[1] == nll_too[1]
+    assert torch.allclose(ctc, want[0]) and torch.allclose(commit, want[1])
+
+
+def test_align_stage_with_the_anchor_trains_the_aligner_alone(world, tmp_path):  # noqa: F811
+    base = write_config(tmp_path / "base.py", world, tmp_path / "base", steps=1, use_audio=False)
+    run(["train_sft.py", base])
+    align = write_config(tmp_path / "align.py", world, tmp_path / "align", init_from=str(tmp_path / "base" / "final"),
+                         tokenizer="", train_data=str(world / "align.jsonl"), tasks=("asr",), trainable=("audio.",),
+                         steps=2, anchor=1.0)
+    run(["train_align.py", align])
+    before, after = final_weights(tmp_path / "base"), final_weights(tmp_path / "align")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("speech_", "ln_speech.", "final_linear.")) for k in changed)
+    log = [json.loads(x) for x in (tmp_path / "align" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+
+
+def test_make_hear_chain_on_the_small_toy_world(tmp_path):
+    """make hear's stages and overrides, a few steps each: copy -> base from it (its seconds under "copy") -> speech
+    alone with the anchor -> speech and sounds."""
+    from safetensors.torch import save_file
+
+    from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
+    d = tmp_path / "toyav"
+    run(["data/toyav/prepare.py", "--small", "--out", str(d)])
+    arch = runpy.run_path(os.path.join(ROOT, "config", "toy_vision.py"))["arch"]
+    tower, whisper = SiglipVision(SiglipVisionConfig(**arch["vision"])), WhisperEncoder(WhisperConfig(**arch["whisper"]))
+    save_file({**{f"tower.{k}": v for k, v in tower.state_dict().items()},
+               **{f"speech_encoder.{k}": v for k, v in whisper.state_dict().items()}}, str(tmp_path / "enc.safetensors"))
+    common = [f"--cache_dir={tmp_path / 'cache'}", "--steps=2", "--batch_size=2", "--val_data="]
+    res = tmp_path / "results.json"
+    run(["train_sft.py", "config/toy_vision.py", *common, f"--tokenizer={d / 'tokenizer.json'}",
+         f"--encoders={tmp_path / 'enc.safetensors'}", f"--train_data={d / 'base_train.jsonl'}", f"--out_dir={tmp_path / 'vision'}"])
+    run(["train_sft.py", "config/toy_copy.py", *common, f"--init_from={tmp_path / 'vision' / 'final'}",
+         f"--train_data={d / 'copy_train.jsonl'}", f"--out_dir={tmp_path / 'copy'}"])
+    run(["train_sft.py", "config/toy_base.py", *common, f"--init_from={tmp_path / 'copy' / 'final'}",
+         f"--train_data={d / 'copy_train.jsonl'},{d / 'base_train.jsonl'}", f"--out_dir={tmp_path / 'base'}"])
+    run(["eval.py", "--stage=base", f"--ckpt={tmp_path / 'base' / 'final'}", f"--data_dir={d}", f"--results={res}",
+         f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
+    run(["train_align.py", "config/toy_align.py", *common, f"--init_from={tmp_path / 'base' / 'final'}",
+         f"--train_data={d / 'align_train.jsonl'}", "--tasks=('asr',)", "--anchor=1.0", f"--out_dir={tmp_path / 'speech'}"])
+    run(["train_align.py", "config/toy_align.py", *common, f"--init_from={tmp_path / 'speech' / 'final'}",
+         f"--train_data={d / 'align_train.jsonl'}", "--anchor=1.0", f"--out_dir={tmp_path / 'align'}"])
+    saved = json.loads((tmp_path / "speech" / "final" / "train_config.json").read_text())
+    assert saved["anchor"] == 1.0 and saved["tasks"] == ["asr"]
+    assert {"prepare", "copy", "base"} == set(json.loads(res.read_text())["seconds"])
