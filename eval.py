@@ -420,8 +420,9 @@ def main(argv):
     if c["stage"] == "base" and os.path.exists(meta):
         seconds["prepare"] = json.load(open(meta))["seconds"]
     before = os.path.join(str(trained.get("init_from")), "train_config.json")  # the toy's stage before the base
-    if c["stage"] == "base" and os.path.exists(before):  # under its directory's name: vision (make toy), copy (make hear)
-        seconds[os.path.basename(os.path.dirname(os.path.normpath(trained["init_from"])))] = json.load(open(before)).get("seconds", 0.0)
+    name = os.path.basename(os.path.dirname(os.path.normpath(str(trained.get("init_from")))))  # vision, or make hear's copy
+    if c["stage"] == "base" and os.path.exists(before) and name not in seconds:
+        seconds[name] = json.load(open(before)).get("seconds", 0.0)
     merge_results(c["results"], {c["stage"]: metrics}, seconds)
     print(f"{c['stage']}: {json.dumps(metrics)}")
 

@@ -327,16 +327,20 @@ def anchor_loss(tokens, targets, emb, blank, tau):
     embedding, which goes on pulling a token onto its word after CTC has picked it.
     A large LLM reads whatever vectors its aligner learns through it; a tiny one trained in minutes reads only
     its own embeddings, and an aligner trained through it alone collapses onto one direction (dev/LOG.md).
-    tokens: list of (N_i, D) audio tokens; targets: list of token-id lists; emb: (V, D), frozen.
-    Returns (CTC loss per target token averaged over transcripts, commitment averaged over tokens)."""
+    (B, N, V) distances in fp32: a toy's vocabulary, not a 7B model's.
+    tokens: list of B (N_i, D) audio tokens; targets: list of B token-id lists (without the blank); emb: (V, D).
+    Returns sums, to be averaged over the global batch: (CTC loss per target token summed over transcripts,
+    squared distance to the nearest embedding summed over tokens, token count)."""
     n = [t.size(0) for t in tokens]
     x = torch.stack([F.pad(t.float(), (0, 0, 0, max(n) - t.size(0))) for t in tokens])  # (B, N, D)
-    d2 = torch.cdist(x, emb.detach().float()[None].expand(len(tokens), -1, -1)).square()  # (B, N, V)
+    e = emb.detach().float()  # (V, D): the LLM stays as it is
+    d2 = (x.square().sum(-1, keepdim=True) - 2 * x @ e.T + e.square().sum(-1)).clamp(min=0)  # (B, N, V)
     log_probs = (-d2 / tau).log_softmax(-1).transpose(0, 1)  # (N, B, V), CTC's layout
     flat = torch.tensor([i for t in targets for i in t], device=x.device)
-    ctc = F.ctc_loss(log_probs, flat, n, [len(t) for t in targets], blank=blank, zero_infinity=True)
+    lengths = torch.tensor([len(t) for t in targets], device=x.device)
+    ctc = F.ctc_loss(log_probs, flat, n, lengths.tolist(), blank=blank, reduction="none", zero_infinity=True)  # (B,)
     real = torch.arange(max(n), device=x.device)[None] < torch.tensor(n, device=x.device)[:, None]  # (B, N)
-    return ctc, d2.min(-1).values[real].mean()
+    return (ctc / lengths).sum(), d2.min(-1).values[real].sum(), sum(n)
 
 
 # -----------------------------------------------------------------------------
@@ -496,16 +500,17 @@ class VideoSALMONN2(nn.Module):
     def forward(self, batch, transcripts=None, blank=0, tau=0.01):
         """Training: batch = [(features, (before, after) prompt ids, response ids)] -> (summed response NLL,
         token count). Going through forward lets FSDP gather the root's parameters (projector, aligner,
-        embeddings) once for the whole step. With transcripts (each audio-only example's transcript ids, or
-        None) it also returns anchor_loss's (ctc, commitment) of those examples' audio tokens."""
+        embeddings) once for the whole step. With transcripts (an example's transcript ids, or None) it also returns
+        anchor_loss's sums over the audio-only examples that have one, and their count."""
         avs = [self.av_tokens(*f) for f, _, _ in batch]
         nll = self.response_nll([(*self.embed_sequence(None, p, r, av), r) for av, (_, p, r) in zip(avs, batch)])
         if transcripts is None:
             return nll
-        pairs = [(av, t) for av, t in zip(avs, transcripts) if t]
+        pairs = [(av, t) for av, (f, _, _), t in zip(avs, batch, transcripts) if t and f[0] is None and f[1] is not None]
         if not pairs:
-            return nll, (nll[0] * 0, nll[0] * 0)
-        return nll, anchor_loss([av for av, _ in pairs], [t for _, t in pairs], self.llm.embed_tokens.weight, blank, tau)
+            return nll, (nll[0] * 0, nll[0] * 0, 0), 0
+        emb = self.llm.embed_tokens.weight
+        return nll, anchor_loss([av for av, _ in pairs], [t for _, t in pairs], emb, blank, tau), len(pairs)
 
     def response_nll(self, seqs):
         """Summed negative log-likelihood of the responses, and their token count, for a list of

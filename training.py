@@ -66,7 +66,7 @@ weight_decay = 0.0  # AdamW weight decay
 grad_clip = 1.0  # max global gradient norm (0: off)
 max_bad_steps = 10  # consecutive non-finite losses before the run stops
 activation_checkpointing = False  # recompute each LLM block in backward to save memory
-anchor = 0.0  # weight of the aligner's vocabulary anchor on ASR items (model.anchor_loss); 0 as in the paper, the toy's needs it
+anchor = 0.0  # weight of the aligner's anchor to the LLM's embeddings on ASR items (model.anchor_loss); not in the paper
 anchor_commit = 0.1  # weight of the anchor's commitment term
 anchor_tau = 0.01  # temperature of the anchor's squared distances
 # system
@@ -362,25 +362,30 @@ def batch_indices(cursor, n, batch_size, seed, rank):
     return [order(n, k // n, seed)[k % n] for k in range(cursor + rank * batch_size, cursor + (rank + 1) * batch_size)]
 
 
-def step_loss(model, batch, world, dev, dtype, anchor=None, blank=0):
+def step_loss(model, batch, world, dev, dtype, anchor=None):
     """Mean token NLL over the global batch: each rank's sum over the global count, times the world size,
-    since FSDP averages the gradients over ranks. anchor = (transcripts, c): plus the aligner's anchor on the
-    examples with a transcript (model.anchor_loss; blank: the blank's token id), each rank's mean."""
-    extra = 0.0
+    since FSDP averages the gradients over ranks. anchor = (transcripts, blank id, c) adds the aligner's anchor
+    (model.anchor_loss), its terms averaged over the global batch's transcripts and audio tokens the same way."""
     with autocast(dev, dtype):
         if anchor is None:
             nll, n = model(batch)
         else:
-            transcripts, c = anchor
-            (nll, n), (ctc, commit) = model(batch, transcripts, blank, c["anchor_tau"])
-            extra = c["anchor"] * ctc + c["anchor_commit"] * commit
+            transcripts, blank, c = anchor
+            (nll, n), (ctc, commit, tokens), k = model(batch, transcripts, blank, c["anchor_tau"])
     count = all_sum(torch.tensor(float(n), device=nll.device), world)
-    return nll * world / count + extra
+    loss = nll * world / count
+    if anchor is not None:
+        k, tokens = (all_sum(torch.tensor(float(v), device=nll.device), world).clamp(min=1) for v in (k, tokens))
+        loss = loss + world * (c["anchor"] * ctc / k + c["anchor_commit"] * commit / tokens)
+    return loss
 
 
-def transcript_ids(tok, item):
-    """The token ids an ASR item's audio tokens anchor to (a leading space: every word in its in-sentence form)."""
-    return tok.encode(" " + item["response"]).ids if item["task"] == "asr" else None
+def transcript_ids(tok, item, blank):
+    """The token ids an audio-only ASR item's tokens anchor to: its words in their in-sentence form (a leading
+    space each), the blank left out; None for any other item."""
+    if item["task"] != "asr" or "video" in item:
+        return None
+    return [i for i in tok.encode(" " + " ".join(item["response"].split())).ids if i != blank]
 
 
 def train(c, stage):
@@ -396,8 +401,11 @@ def train(c, stage):
     os.makedirs(c["out_dir"], exist_ok=True)
     torch.manual_seed(c["seed"])  # the same initial weights on every rank
     model, tok = build_model(c, dev)
+    blank = tok.token_to_id(ANCHOR_BLANK)
     if c["anchor"] and not isinstance(model, VideoSALMONN2):
         raise UserError("anchor: only video-SALMONN 2's window-level aligner has one token per 0.5 s to anchor")
+    if c["anchor"] and (blank is None or not c["use_audio"]):
+        raise UserError(f"anchor: needs audio (use_audio) and a tokenizer with the token {ANCHOR_BLANK!r}")
     torch.manual_seed(c["seed"] + 1 + rank)  # then each rank its own dropout
     ckpt = os.path.join(c["out_dir"], "ckpt")
     meta, found = checkpoint_meta(ckpt) if c["resume"] else (None, None)
@@ -433,8 +441,8 @@ def train(c, stage):
         picked = batch_indices(cursor, len(data.items), c["batch_size"], c["seed"], rank)
         batch = [data.example(i, dev) for i in picked]
         cursor += c["batch_size"] * world
-        anchor = ([transcript_ids(tok, data.items[i]) for i in picked], c) if c["anchor"] else None
-        loss = step_loss(model, batch, world, dev, c["dtype"], anchor, tok.token_to_id(ANCHOR_BLANK))
+        anchor = ([transcript_ids(tok, data.items[i], blank) for i in picked], blank, c) if c["anchor"] else None
+        loss = step_loss(model, batch, world, dev, c["dtype"], anchor)
         finite = stepper.step(loss, lr_at(step, c["steps"], c["lr"], c["warmup_ratio"]), f"step {step}")
         step += 1
         bar.update()

@@ -3,13 +3,13 @@ closed form, and the option wired through the alignment stage to the aligner alo
 import itertools
 import json
 import math
-import os
-import runpy
+import subprocess
+import sys
 
 import torch
 
 from model import AVConfig, VideoSALMONN2, anchor_loss
-from test_train import ARCH, ROOT, final_weights, run, world, write_config  # noqa: F401  world is a fixture
+from test_train import ARCH, ROOT, final_weights, run, small_toy_vision, world, write_config  # noqa: F401  world is a fixture
 
 torch.manual_seed(0)
 
@@ -31,22 +31,30 @@ def test_anchor_ctc_equals_the_sum_over_its_alignments():
     tokens = [torch.randn(4, 6), torch.randn(3, 6)]  # two items, the second shorter: padding must not count
     targets = [[1, 2], [3]]
     tau, blank = 2.0, 0
-    ctc, _ = anchor_loss(tokens, targets, emb, blank, tau)
+    ctc, _, n = anchor_loss(tokens, targets, emb, blank, tau)
     want = []
     for x, t in zip(tokens, targets):
         d2 = ((x[:, None, :] - emb[None]) ** 2).sum(-1)  # (N, V)
         want.append(ctc_nll_by_enumeration((-d2 / tau).log_softmax(-1), t, blank) / len(t))  # per target token
-    assert torch.allclose(ctc, torch.stack(want).mean(), atol=1e-4), (ctc, want)
+    assert torch.allclose(ctc, torch.stack(want).sum(), atol=1e-4), (ctc, want) and n == 7
 
 
 def test_anchor_commitment_is_the_squared_distance_to_the_nearest_embedding():
     emb = torch.eye(5) * 3  # rows far apart: a small offset keeps each token nearest to its own row
     offsets = [torch.full((2, 5), 0.1), torch.full((1, 5), -0.2)]
     tokens = [emb[[1, 4]] + offsets[0], emb[[2]] + offsets[1]]
-    _, commit = anchor_loss(tokens, [[1], [2]], emb, 0, 0.01)
-    assert math.isclose(commit.item(), (2 * 5 * 0.01 + 5 * 0.04) / 3, rel_tol=1e-5)
-    _, exact = anchor_loss([emb[[1, 2, 3]]], [[1, 2, 3]], emb, 0, 0.01)
-    assert exact.item() < 1e-6
+    _, commit, n = anchor_loss(tokens, [[1], [2]], emb, 0, 0.01)
+    assert math.isclose(commit.item(), 2 * 5 * 0.01 + 5 * 0.04, rel_tol=1e-4) and n == 3
+    _, exact, _ = anchor_loss([emb[[1, 2, 3]]], [[1, 2, 3]], emb, 0, 0.01)
+    assert exact.item() < 1e-4
+
+
+def test_anchor_sends_no_gradient_into_the_embeddings():
+    emb = torch.randn(6, 4, requires_grad=True)
+    tokens = torch.randn(5, 4, requires_grad=True)
+    ctc, commit, _ = anchor_loss([tokens], [[2, 3]], emb, 0, 0.5)
+    (ctc + commit).backward()
+    assert emb.grad is None and tokens.grad.abs().sum() > 0
 
 
 def test_forward_with_transcripts_anchors_only_the_items_that_have_one():
@@ -55,10 +63,12 @@ def test_forward_with_transcripts_anchors_only_the_items_that_have_one():
     batch = [((None, a, [0.0], 2.0 * a.size(0)), ([1, 2], [3]), [5, 6, 7]) for a in aud]
     with torch.no_grad():
         nll = m(batch)
-        nll_too, (ctc, commit) = m(batch, [None, [8, 9]], blank=4, tau=0.5)
+        nll_too, (ctc, commit, tokens), k = m(batch, [None, [8, 9]], blank=4, tau=0.5)
         want = anchor_loss([m.audio(aud[1])], [[8, 9]], m.llm.embed_tokens.weight, 4, 0.5)
     assert torch.equal(nll[0], nll_too[0]) and nll[1] == nll_too[1]
-    assert torch.allclose(ctc, want[0]) and torch.allclose(commit, want[1])
+    assert torch.allclose(ctc, want[0]) and torch.allclose(commit, want[1]) and tokens == 20 and k == 1  # 2 segments x 10 windows
+    _, (ctc, commit, tokens), k = m(batch, [None, None])  # no transcript: zeros that still backpropagate
+    assert ctc.item() == commit.item() == tokens == k == 0 and ctc.requires_grad
 
 
 def test_align_stage_with_the_anchor_trains_the_aligner_alone(world, tmp_path):  # noqa: F811
@@ -68,29 +78,27 @@ def test_align_stage_with_the_anchor_trains_the_aligner_alone(world, tmp_path): 
                          tokenizer="", train_data=str(world / "align.jsonl"), tasks=("asr",), trainable=("audio.",),
                          steps=2, anchor=1.0)
     run(["train_align.py", align])
+    plain = write_config(tmp_path / "plain.py", world, tmp_path / "plain", init_from=str(tmp_path / "base" / "final"),
+                         tokenizer="", train_data=str(world / "align.jsonl"), tasks=("asr",), trainable=("audio.",),
+                         steps=2)
+    run(["train_align.py", plain])
     before, after = final_weights(tmp_path / "base"), final_weights(tmp_path / "align")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("speech_", "ln_speech.", "final_linear.")) for k in changed)
-    log = [json.loads(x) for x in (tmp_path / "align" / "log.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+    first = [json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[0])["loss"] for d in ("align", "plain")]
+    assert math.isfinite(first[0]) and first[0] > first[1] + 0.1  # the same NLL at step 1, plus the anchor's terms
+    if_no_audio = write_config(tmp_path / "bad.py", world, tmp_path / "bad", init_from=str(tmp_path / "base" / "final"),
+                               tokenizer="", train_data=str(world / "align.jsonl"), tasks=("asr",), anchor=1.0,
+                               use_audio=False)
+    out = subprocess.run([sys.executable, "train_align.py", if_no_audio], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "anchor: needs audio" in out.stderr + out.stdout
 
 
 def test_make_hear_chain_on_the_small_toy_world(tmp_path):
     """make hear's stages and overrides, a few steps each: copy -> base from it (its seconds under "copy") -> speech
     alone with the anchor -> speech and sounds."""
-    from safetensors.torch import save_file
-
-    from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
-    d = tmp_path / "toyav"
-    run(["data/toyav/prepare.py", "--small", "--out", str(d)])
-    arch = runpy.run_path(os.path.join(ROOT, "config", "toy_vision.py"))["arch"]
-    tower, whisper = SiglipVision(SiglipVisionConfig(**arch["vision"])), WhisperEncoder(WhisperConfig(**arch["whisper"]))
-    save_file({**{f"tower.{k}": v for k, v in tower.state_dict().items()},
-               **{f"speech_encoder.{k}": v for k, v in whisper.state_dict().items()}}, str(tmp_path / "enc.safetensors"))
-    common = [f"--cache_dir={tmp_path / 'cache'}", "--steps=2", "--batch_size=2", "--val_data="]
+    d, _, common = small_toy_vision(tmp_path)
     res = tmp_path / "results.json"
-    run(["train_sft.py", "config/toy_vision.py", *common, f"--tokenizer={d / 'tokenizer.json'}",
-         f"--encoders={tmp_path / 'enc.safetensors'}", f"--train_data={d / 'base_train.jsonl'}", f"--out_dir={tmp_path / 'vision'}"])
     run(["train_sft.py", "config/toy_copy.py", *common, f"--init_from={tmp_path / 'vision' / 'final'}",
          f"--train_data={d / 'copy_train.jsonl'}", f"--out_dir={tmp_path / 'copy'}"])
     run(["train_sft.py", "config/toy_base.py", *common, f"--init_from={tmp_path / 'copy' / 'final'}",

@@ -143,25 +143,32 @@ def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
     assert saved == ["Describe the video in detail."] * 2
 
 
-def test_toy_stages_and_results_json(tmp_path):
-    """The make toy chain on the small toy world: each stage trains a few steps and its evaluation
-    lands in results.json under the keys that external checks read. The scratch stage (the vision stage) loads the
-    pretrained encoders, which no later stage changes."""
+def small_toy_vision(tmp_path):
+    """The small toy world, encoders of the toy's arch standing in for pretrain_encoders.py's, and the vision stage
+    (config/toy_vision.py) trained 2 steps on them: (world dir, encoder state, the stages' common arguments)."""
     from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
     from safetensors.torch import save_file
     d = tmp_path / "toyav"
     run(["data/toyav/prepare.py", "--small", "--out", str(d)])
     arch = runpy.run_path(os.path.join(ROOT, "config", "toy_vision.py"))["arch"]
-    torch.manual_seed(3)  # encoders unlike any scratch model's: standing in for pretrain_encoders.py's, of the toy's arch
+    torch.manual_seed(3)  # encoders unlike any scratch model's
     tower, whisper = SiglipVision(SiglipVisionConfig(**arch["vision"])), WhisperEncoder(WhisperConfig(**arch["whisper"]))
     encoders = {**{f"tower.{k}": v for k, v in tower.state_dict().items()},
                 **{f"speech_encoder.{k}": v for k, v in whisper.state_dict().items()}}
     save_file(encoders, str(tmp_path / "encoders.safetensors"))
-    res = tmp_path / "results.json"
     common = [f"--cache_dir={tmp_path / 'cache'}", "--steps=2", "--batch_size=2", "--val_data="]
     run(["train_sft.py", "config/toy_vision.py", *common, f"--tokenizer={d / 'tokenizer.json'}",
          f"--encoders={tmp_path / 'encoders.safetensors'}", f"--train_data={d / 'base_train.jsonl'}",
          f"--out_dir={tmp_path / 'vision'}"])
+    return d, encoders, common
+
+
+def test_toy_stages_and_results_json(tmp_path):
+    """The make toy chain on the small toy world: each stage trains a few steps and its evaluation
+    lands in results.json under the keys that external checks read. The scratch stage (the vision stage) loads the
+    pretrained encoders, which no later stage changes."""
+    d, encoders, common = small_toy_vision(tmp_path)
+    res = tmp_path / "results.json"
     stages = [("train_sft.py", "config/toy_base.py", "base", f"--init_from={tmp_path / 'vision' / 'final'}",
                f"--train_data={d / 'copy_train.jsonl'},{d / 'base_train.jsonl'}"),
               ("train_align.py", "config/toy_align.py", "align", f"--init_from={tmp_path / 'base' / 'final'}",
