@@ -419,8 +419,9 @@ def main(argv):
     meta = os.path.join(c["data_dir"], "meta.json")  # the toy generator's own time
     if c["stage"] == "base" and os.path.exists(meta):
         seconds["prepare"] = json.load(open(meta))["seconds"]
-    before = os.path.join(str(trained.get("init_from")), "train_config.json")  # the toy's stage before the base
-    name = os.path.basename(os.path.dirname(os.path.normpath(str(trained.get("init_from")))))  # vision, or make hear's copy
+    init = os.path.normpath(str(trained.get("init_from")))
+    before = os.path.join(init, "train_config.json")  # the toy's stage before the base
+    name = os.path.basename(os.path.dirname(init))  # vision, or make hear's copy
     if c["stage"] == "base" and os.path.exists(before) and name not in seconds:
         seconds[name] = json.load(open(before)).get("seconds", 0.0)
     merge_results(c["results"], {c["stage"]: metrics}, seconds)

@@ -337,10 +337,10 @@ def anchor_loss(tokens, targets, emb, blank, tau):
     d2 = (x.square().sum(-1, keepdim=True) - 2 * x @ e.T + e.square().sum(-1)).clamp(min=0)  # (B, N, V)
     log_probs = (-d2 / tau).log_softmax(-1).transpose(0, 1)  # (N, B, V), CTC's layout
     flat = torch.tensor([i for t in targets for i in t], device=x.device)
-    lengths = torch.tensor([len(t) for t in targets], device=x.device)
-    ctc = F.ctc_loss(log_probs, flat, n, lengths.tolist(), blank=blank, reduction="none", zero_infinity=True)  # (B,)
+    lengths = [len(t) for t in targets]
+    ctc = F.ctc_loss(log_probs, flat, n, lengths, blank=blank, reduction="none", zero_infinity=True)  # (B,)
     real = torch.arange(max(n), device=x.device)[None] < torch.tensor(n, device=x.device)[:, None]  # (B, N)
-    return (ctc / lengths).sum(), d2.min(-1).values[real].sum(), sum(n)
+    return (ctc / torch.tensor(lengths, device=x.device)).sum(), d2.min(-1).values[real].sum(), sum(n)
 
 
 # -----------------------------------------------------------------------------

@@ -381,9 +381,9 @@ def step_loss(model, batch, world, dev, dtype, anchor=None):
 
 
 def transcript_ids(tok, item, blank):
-    """The token ids an audio-only ASR item's tokens anchor to: its words in their in-sentence form (a leading
-    space each), the blank left out; None for any other item."""
-    if item["task"] != "asr" or "video" in item:
+    """The token ids an ASR item's audio tokens anchor to: its words in their in-sentence form (a leading space
+    each), the blank left out; None for any other item (model.forward anchors audio-only items alone)."""
+    if item["task"] != "asr":
         return None
     return [i for i in tok.encode(" " + " ".join(item["response"].split())).ids if i != blank]
 
@@ -424,6 +424,7 @@ def train(c, stage):
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
     if not data.items:
         raise UserError(f"{c['train_data']}: no item to train on ({data.skipped} skipped, named above)")
+    transcripts = [transcript_ids(tok, it, blank) for it in data.items] if c["anchor"] else None
     model = shard(model, world, dev)
     stepper = Stepper(model, c["lr"], c["weight_decay"], c["grad_clip"], c["max_bad_steps"], world, dev)
     step, cursor = 0, 0
@@ -441,7 +442,7 @@ def train(c, stage):
         picked = batch_indices(cursor, len(data.items), c["batch_size"], c["seed"], rank)
         batch = [data.example(i, dev) for i in picked]
         cursor += c["batch_size"] * world
-        anchor = ([transcript_ids(tok, data.items[i], blank) for i in picked], blank, c) if c["anchor"] else None
+        anchor = ([transcripts[i] for i in picked], blank, c) if c["anchor"] else None
         loss = step_loss(model, batch, world, dev, c["dtype"], anchor)
         finite = stepper.step(loss, lr_at(step, c["steps"], c["lr"], c["warmup_ratio"]), f"step {step}")
         step += 1
