@@ -230,14 +230,37 @@ def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None
     return vis, aud, media.times, media.duration
 
 
+SILENCE = "Ġ"  # a space in byte-level BPE (the toy's and Qwen2's): what a soundless 0.5 s window is written as
+
+
+def soundtrack_words(key):
+    """A toy audio event's key -> the words it is written as: an utterance its own, a sound its kind last
+    (["tone", "low"] -> low tone, ["noise"] -> noise)."""
+    return key[1].split() if key[0] == "say" else [*key[1:], key[0]]
+
+
+def soundtrack_ids(tok, events, n, window):
+    """An item's soundtrack written out: n token ids, one for each `window` seconds of audio, every sound and
+    utterance written from the window it starts in, one token a window (the toy speaks one word to a window),
+    SILENCE elsewhere; the toy LLM's stand-in for a real one reading text (training.py's written_audio)."""
+    ids = [tok.token_to_id(SILENCE)] * n
+    for e in events:
+        if e["type"] in ("sound", "speech"):
+            written = tok.encode(" " + " ".join(soundtrack_words(e["key"]))).ids
+            first = int(e["start"] / window)
+            ids[first:first + len(written)] = written[:max(0, n - first)]
+    return ids
+
+
 class Features:
     """Cached encoder features and token ids of manifest items for a model. Items whose media cannot be read (and, with
     responses=True, items without a response to train on) are dropped once, up front (every rank agrees), counted and
     named, so training and evaluation never meet them."""
 
     def __init__(self, model, tok, items, rank=0, world=1, fps=FPS, max_frames=MAX_FRAMES, cache_dir=None,
-                 use_audio=True, responses=True):
+                 use_audio=True, responses=True, written_audio=False):
         cfg = model.cfg
+        self.tok, self.written_audio = tok, written_audio
         self.model, self.cache_dir, self.use_audio = model, cache_dir, use_audio
         self.prep = cfg.media_prep(fps, max_frames)
         self.fingerprint = model.encoder_fingerprint()
@@ -270,7 +293,12 @@ class Features:
 
     def example(self, i, dev):
         """(features on dev, prompt ids, response ids) of item i: one entry of a VideoSALMONN2 forward batch."""
-        vis, aud, times, duration = self.features(self.items[i])
+        item = self.items[i]
+        vis, aud, times, duration = self.features(item)
+        if self.written_audio and aud is not None and "events" in item:
+            T = self.model.cfg.qformer.tokens_per_segment
+            window = self.model.cfg.segment_seconds / T
+            aud = torch.tensor(soundtrack_ids(self.tok, item["events"], aud.size(0) * T, window)).view(-1, T)  # (S, T)
         feats = (None if vis is None else vis.to(dev), None if aud is None else aud.to(dev), times, duration)
         return (feats, *self.ids[i])
 

@@ -482,12 +482,22 @@ class VideoSALMONN2(nn.Module):
     def av_tokens(self, vis_feats, aud_feats, frame_times, duration):
         """Cached encoder features of one item -> its audio-visual block (L, D). Audio-only items
         (alignment) have no frames, visual-only ones (the visual base) no audio, text-only ones neither."""
+        if aud_feats is not None:
+            aud_feats = self.audio_tokens(aud_feats)
         if vis_feats is None:  # audio only, or nothing (a text-only item)
-            return self.image_newline.new_zeros(0, self.cfg.llm.hidden_size) if aud_feats is None else self.audio(aud_feats)
+            return self.image_newline.new_zeros(0, self.cfg.llm.hidden_size) if aud_feats is None else aud_feats
         vis = self.visual_tokens(vis_feats)
         if aud_feats is None:
             return vis.reshape(-1, vis.size(-1))
-        return self.interleave(vis, self.audio(aud_feats).to(vis.dtype), frame_times, duration)
+        return self.interleave(vis, aud_feats.to(vis.dtype), frame_times, duration)
+
+    def audio_tokens(self, aud):
+        """Whisper features (S, frames, C) -> the aligner's tokens (S * T, D); or a written soundtrack, token ids (S, T)
+        (data.soundtrack_ids: the toy LLM's stand-in for reading text, training.py's written_audio) -> their
+        embeddings, with the segment embedding the aligner's tokens carry."""
+        if aud.is_floating_point():
+            return self.audio(aud)
+        return self.audio.add_segments(self.llm.embed_tokens(aud))
 
     def embed_sequence(self, feats, prompt_ids, response_ids, av=None):
         """One training sequence: (embeds (1, P + R, D), P) for the prompt around the AV block (av, or made from
@@ -509,8 +519,10 @@ class VideoSALMONN2(nn.Module):
         pairs = [(av, t) for av, (f, _, _), t in zip(avs, batch, transcripts) if t and f[0] is None and f[1] is not None]
         if not pairs:
             return nll, (nll[0] * 0, nll[0] * 0, 0), 0
-        emb = self.llm.embed_tokens.weight
-        return nll, anchor_loss([av for av, _ in pairs], [t for _, t in pairs], emb, blank, tau), len(pairs)
+        # anchored without the segment embedding, so a token of any segment can reach its word
+        T = self.cfg.qformer.tokens_per_segment
+        bare = [self.audio.add_segments(rearrange(av, "(s t) d -> s t d", t=T), -1) for av, _ in pairs]
+        return nll, anchor_loss(bare, [t for _, t in pairs], self.llm.embed_tokens.weight, blank, tau), len(pairs)
 
     def response_nll(self, seqs):
         """Summed negative log-likelihood of the responses, and their token count, for a list of
@@ -550,7 +562,9 @@ class VideoSALMONN2(nn.Module):
         (before, after) token ids: (embeds (1, P, D), None: plain positions)."""
         dt = self.llm.embed_tokens.weight.dtype  # cached features may be fp32 where the model runs in bf16
         vis, aud, times, duration = feats
-        feats = (None if vis is None else vis.to(dt), None if aud is None else aud.to(dt), times, duration)
+        if aud is not None and aud.is_floating_point():  # not a written soundtrack's token ids
+            aud = aud.to(dt)
+        feats = (None if vis is None else vis.to(dt), aud, times, duration)
         return self.prompt_embeds(prompt_ids[0], self.av_tokens(*feats), prompt_ids[1]), None
 
     @torch.no_grad()

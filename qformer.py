@@ -146,10 +146,15 @@ class AudioAligner(nn.Module):
     def forward(self, encoder_out):
         S = encoder_out.size(0)
         x = self.final_linear(self.speech_llama_proj(self.query_states(encoder_out)))  # (S*n, Q, D)
-        x = rearrange(x, "(s n) q d -> s (n q) d", s=S)  # each segment's windows' queries, in order
-        # not learned, added after the projection: it tells the LLM which 30 s segment a token is in
-        x = x + segment_positions(S, x.size(-1)).to(x.device, x.dtype)[:, None, :]
-        return rearrange(x, "s t d -> (s t) d")
+        return self.add_segments(rearrange(x, "(s n) q d -> s (n q) d", s=S))  # each segment's windows' queries, in order
+
+    @staticmethod
+    def add_segments(x, sign=1):
+        """(S, T, D) tokens -> (S*T, D) with the segment embedding added (sign -1: taken off again). Not learned, added
+        after the projection: it tells the LLM which 30 s segment a token is in."""
+        S = x.size(0)
+        pos = segment_positions(S, x.size(-1)).to(x.device, x.dtype)[:, None, :]  # (S, 1, D)
+        return rearrange(x + sign * pos, "s t d -> (s t) d")
 
 
 # -----------------------------------------------------------------------------

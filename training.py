@@ -27,7 +27,7 @@ from tqdm import tqdm
 import lora
 from checkpoint import CheckpointError, load_model, read_config
 from config import UserError
-from data import Features, load_tokenizer, read_manifest
+from data import SILENCE, Features, load_tokenizer, read_manifest, soundtrack_words
 from model import AVConfig, VideoSALMONN2
 from model_plus import PlusConfig, VideoSALMONN2Plus, plus_tokens
 
@@ -69,6 +69,8 @@ activation_checkpointing = False  # recompute each LLM block in backward to save
 anchor = 0.0  # weight of the aligner's anchor to the LLM's embeddings on ASR items (model.anchor_loss); not in the paper
 anchor_commit = 0.1  # weight of the anchor's commitment term
 anchor_tau = 0.01  # temperature of the anchor's squared distances
+anchor_sounds = False  # anchor audio captions too, to their written soundtrack (data.soundtrack_words: "low tone")
+written_audio = False  # toy: items with events hear their soundtrack written in words (data.soundtrack_ids); not in the paper
 # system
 out_dir = "out/sft"  # checkpoints (ckpt/), the final model (final/), log.jsonl
 log_every = 10  # steps between log lines
@@ -80,7 +82,6 @@ seed = 2024  # data order, LoRA init, dropout
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # parameter dtype of the frozen backbone
 # -----------------------------------------------------------------------------
-ANCHOR_BLANK = "Ġ"  # a space in byte-level BPE (the toy's and Qwen2's): the token a silent window anchors to
 # dense bf16 FLOP/s by device name, the first key found in torch.cuda.get_device_name() wins (so PCIe before SXM)
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
               "A100": 312e12, "A800": 312e12}
@@ -380,12 +381,17 @@ def step_loss(model, batch, world, dev, dtype, anchor=None):
     return loss
 
 
-def transcript_ids(tok, item, blank):
+def transcript_ids(tok, item, blank, sounds=False):
     """The token ids an ASR item's audio tokens anchor to: its words in their in-sentence form (a leading space
-    each), the blank left out; None for any other item (model.forward anchors audio-only items alone)."""
-    if item["task"] != "asr":
+    each), the blank left out; with sounds, those of an audio caption's written soundtrack too (data.soundtrack_words:
+    "low tone"); None for any other item (model.forward anchors audio-only items alone)."""
+    if item["task"] == "asr":
+        words = item["response"].split()
+    elif sounds and item["task"] == "audio_caption" and "events" in item:
+        words = [w for e in item["events"] for w in soundtrack_words(e["key"])]
+    else:
         return None
-    return [i for i in tok.encode(" " + " ".join(item["response"].split())).ids if i != blank]
+    return [i for i in tok.encode(" " + " ".join(words)).ids if i != blank]
 
 
 def train(c, stage):
@@ -401,11 +407,14 @@ def train(c, stage):
     os.makedirs(c["out_dir"], exist_ok=True)
     torch.manual_seed(c["seed"])  # the same initial weights on every rank
     model, tok = build_model(c, dev)
-    blank = tok.token_to_id(ANCHOR_BLANK)
-    if c["anchor"] and not isinstance(model, VideoSALMONN2):
-        raise UserError("anchor: only video-SALMONN 2's window-level aligner has one token per 0.5 s to anchor")
-    if c["anchor"] and (blank is None or not c["use_audio"]):
-        raise UserError(f"anchor: needs audio (use_audio) and a tokenizer with the token {ANCHOR_BLANK!r}")
+    blank = tok.token_to_id(SILENCE)
+    for name in ("anchor", "written_audio"):
+        if c[name] and not isinstance(model, VideoSALMONN2):
+            raise UserError(f"{name}: only video-SALMONN 2's window-level aligner has one token per 0.5 s")
+        if c[name] and (blank is None or not c["use_audio"]):
+            raise UserError(f"{name}: needs audio (use_audio) and a tokenizer with the token {SILENCE!r}")
+    if c["anchor"] and c["written_audio"]:
+        raise UserError("anchor and written_audio: a written soundtrack has no aligner to anchor")
     torch.manual_seed(c["seed"] + 1 + rank)  # then each rank its own dropout
     ckpt = os.path.join(c["out_dir"], "ckpt")
     meta, found = checkpoint_meta(ckpt) if c["resume"] else (None, None)
@@ -416,7 +425,8 @@ def train(c, stage):
             raise UserError(f"{found} was written by {meta['world']} processes, this run has {world}")
         load_weights(model, found)
         state = load_state(os.path.join(found, f"rank{rank}.pt"))  # before the feature cache is warmed: fails fast
-    prep = dict(fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"], use_audio=c["use_audio"])
+    prep = dict(fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"], use_audio=c["use_audio"],
+                written_audio=c["written_audio"])
     data = Features(model, tok, items, rank, world, **prep)
     val = Features(model, tok, val_items[:c["eval_items"]], rank, world, **prep) if val_items else None
     if master:
@@ -424,7 +434,7 @@ def train(c, stage):
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", flush=True)
     if not data.items:
         raise UserError(f"{c['train_data']}: no item to train on ({data.skipped} skipped, named above)")
-    transcripts = [transcript_ids(tok, it, blank) for it in data.items] if c["anchor"] else None
+    transcripts = [transcript_ids(tok, it, blank, c["anchor_sounds"]) for it in data.items] if c["anchor"] else None
     model = shard(model, world, dev)
     stepper = Stepper(model, c["lr"], c["weight_decay"], c["grad_clip"], c["max_bad_steps"], world, dev)
     step, cursor = 0, 0

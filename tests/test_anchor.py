@@ -9,6 +9,7 @@ import sys
 import torch
 
 from model import AVConfig, VideoSALMONN2, anchor_loss
+from qformer import segment_positions
 from test_train import ARCH, ROOT, final_weights, run, small_toy_vision, world, write_config  # noqa: F401  world is a fixture
 
 torch.manual_seed(0)
@@ -64,7 +65,9 @@ def test_forward_with_transcripts_anchors_only_the_items_that_have_one():
     with torch.no_grad():
         nll = m(batch)
         nll_too, (ctc, commit, tokens), k = m(batch, [None, [8, 9]], blank=4, tau=0.5)
-        want = anchor_loss([m.audio(aud[1])], [[8, 9]], m.llm.embed_tokens.weight, 4, 0.5)
+        # anchored without the segment embedding: segment 2's tokens carry its row, segment 1's row is zeros
+        bare = m.audio(aud[1]) - segment_positions(2, 32).repeat_interleave(10, 0)
+        want = anchor_loss([bare], [[8, 9]], m.llm.embed_tokens.weight, 4, 0.5)
     assert torch.equal(nll[0], nll_too[0]) and nll[1] == nll_too[1]
     assert torch.allclose(ctc, want[0]) and torch.allclose(commit, want[1]) and tokens == 20 and k == 1  # 2 segments x 10 windows
     _, (ctc, commit, tokens), k = m(batch, [None, None])  # no transcript: zeros that still backpropagate

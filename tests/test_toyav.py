@@ -50,7 +50,7 @@ def test_same_seed_same_data(twice):
     a, b = twice
     files = sorted(os.path.relpath(p, a) for p in glob.glob(f"{a}/*.json*") + glob.glob(f"{a}/audio/*.wav")
                    if not p.endswith("meta.json"))  # meta.json holds the run's own timing
-    assert len(files) == 19 + sum(toy.SMALL_AUDIO_ITEMS.values())  # 18 manifests, the tokenizer, the wavs
+    assert len(files) == 22 + sum(toy.SMALL_AUDIO_ITEMS.values())  # 21 manifests, the tokenizer, the wavs
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     for it in captions(a) + [it for s in toy.SPLITS for it in items(a, f"image_{s}")]:  # mp4 bytes may carry muxer metadata: compare what decodes
@@ -342,3 +342,38 @@ def test_tokenizer(out):
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     assert tok.decode(after, skip_special_tokens=False) == \
         f"\n\n{toy.CAPTION_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_audio_only_items_time_their_events(out):
+    """An alignment item's events (the keys its response says, in order) start where its wav stops being silent:
+    what data.soundtrack_ids writes each window from."""
+    for it in items(out, "align_train") + items(out, "align_test"):
+        keys = [e["key"] for e in it["events"]]
+        assert keys == ([["say", it["response"]]] if it["task"] == "asr" else toy.parse_caption(it["response"]))
+        with wave.open(str(out / it["audio"])) as f:
+            y = np.frombuffer(f.readframes(f.getnframes()), "<i2")
+        for e in it["events"]:
+            at, ms = round(e["start"] * toy.SR), toy.SR // 1000  # starts are given to the millisecond
+            assert not y[at - round(0.1 * toy.SR):at - ms].any()  # silence before it
+            assert y[at:at + round(0.035 * toy.SR)].any()  # sound within 35 ms (a plosive's closure is 30 ms)
+
+
+def test_written_soundtracks_keep_what_is_seen_and_draw_what_is_heard(out):
+    """written_{split}.jsonl: each clip with audio WRITTEN_SOUNDTRACKS times, its visual events as they are and its
+    audio events drawn again as the clips' own are (so the LLM has to read them: the picture does not tell them)."""
+    for split in toy.SPLITS:
+        clips = [it for it in items(out, split) if it["task"] == "caption"]
+        heard = [it for it in clips if any(e["type"] != "visual" for e in it["events"])]
+        written = items(out, f"written_{split}")
+        by_clip = {}
+        for it in written:
+            by_clip.setdefault(it["video"], []).append(it)
+        assert {it["video"] for it in heard} <= set(by_clip) and len(written) == toy.WRITTEN_SOUNDTRACKS * len(by_clip)
+        for it in clips:
+            for w in by_clip.get(it["video"], []):
+                seen = lambda x: [e for e in x["events"] if e["type"] == "visual"]
+                assert seen(w) == seen(it) and w["prompt"] == toy.CAPTION_PROMPT
+                assert w["response"] == " ".join(e["text"] for e in w["events"])
+                assert [e["start"] for e in w["events"]] == sorted(e["start"] for e in w["events"])
+        drawn = [tuple(tuple(e["key"]) for e in w["events"] if e["type"] != "visual") for w in written]
+        assert len(set(drawn)) > len(drawn) // 2  # soundtracks differ from each other

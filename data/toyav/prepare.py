@@ -43,6 +43,7 @@ SR = 16000  # audio sample rate, Whisper's
 MIN_SECONDS, MAX_SECONDS = 4, 12  # clip length: the toy model hears 4 s an audio segment, long clips need several
 HOLD = 2  # seconds every visual state stays on screen, so that 1-fps sampling sees it
 SLOT = 2  # seconds an audio event has to itself: the sound, then silence before the next one
+WRITTEN_SOUNDTRACKS = 3  # other soundtracks drawn for each clip with audio, for the toy LLM to read (written_*.jsonl)
 MUTE_FRACTION = 0.1  # clips without an audio stream: their captions have no sound or speech events
 
 # the world: what can be seen
@@ -252,6 +253,15 @@ def audio_key(rng):
     return list(pick(rng, SOUND_KEYS))
 
 
+def plan_soundtrack(rng, seconds):
+    """A clip's audio events [(start second, key)]: 2 s slots with 0-2 s of silence between."""
+    events, t = [], int(rng.integers(0, 2))
+    while t + SLOT <= seconds:
+        events.append((t, audio_key(rng)))
+        t += SLOT + int(rng.integers(0, 3))
+    return events
+
+
 def plan_clip(rng, has_audio):
     """A clip's length in seconds, its atomic events [(start second, key)] in chronological order, and the place
     {second: index into PLACES} a shape appears in or moves to. Visual changes come every 2-3 s, the first one
@@ -282,10 +292,7 @@ def plan_clip(rng, has_audio):
         events.append((t, key))
         t += HOLD + int(rng.integers(0, 2))
     if has_audio:
-        t = int(rng.integers(0, 2))
-        while t + SLOT <= seconds:
-            events.append((t, audio_key(rng)))
-            t += SLOT + int(rng.integers(0, 3))
+        events += plan_soundtrack(rng, seconds)
     events.sort(key=lambda e: (e[0], event_type(e[1]) != "visual"))  # stable: at the same second, sight first
     return seconds, events, places
 
@@ -469,7 +476,16 @@ def make_clip(job):
     # answers them, as LLaVA-OneVision, the 7B model's base, does
     rng = np.random.default_rng([seed, SPLITS.index(split), 3, i])
     base.append(qa_item(f"{name}_vqa", video, *pick(rng, make_questions(rng, [e["key"] for e in seen]))))
-    return items, base, read_item(items[0]["response"], pick(rng, items[1:]))
+    read = read_item(items[0]["response"], pick(rng, items[1:]))
+    rng = np.random.default_rng([seed, SPLITS.index(split), 5, i])
+    written = []
+    for k in range(WRITTEN_SOUNDTRACKS if has_audio else 0):
+        new = sorted([(t, key) for t, key in events if event_type(key) == "visual"] + plan_soundtrack(rng, seconds),
+                     key=lambda e: (e[0], event_type(e[1]) != "visual"))
+        entries = [{"text": event_sentence(key), "type": event_type(key), "key": key, "start": t} for t, key in new]
+        written.append({"id": f"{name}_w{k}", "video": video, "task": "caption", "prompt": CAPTION_PROMPT,
+                        "response": " ".join(e["text"] for e in entries), "events": entries})
+    return items, base, read, written
 
 
 def make_image(job):
@@ -497,17 +513,22 @@ def make_audio_item(job):
         lead = np.zeros(round(int(rng.integers(1, 4)) * WORD_SECONDS * SR))  # an utterance starts on a slot, as in clips
         audio = np.concatenate([lead, speech(words, rng.uniform(*PITCH)), silence(0.3, 1.5)])
         task, prompt, response = "asr", ASR_PROMPT, " ".join(words)
+        timed = [(len(lead) / SR, ["say", response])]
     else:
-        keys, pieces = [list(pick(rng, SOUND_KEYS)) for _ in range(int(rng.integers(1, 4)))], []
+        keys, pieces, timed = [list(pick(rng, SOUND_KEYS)) for _ in range(int(rng.integers(1, 4)))], [], []
         for n, k in enumerate(keys):
-            pieces += [silence(0.2, 0.5) if n else silence(0.1, 0.3), sound(k, rng)]
+            pieces.append(silence(0.2, 0.5) if n else silence(0.1, 0.3))
+            timed.append((sum(map(len, pieces)) / SR, k))
+            pieces.append(sound(k, rng))
         audio = np.concatenate(pieces + [np.zeros(round(0.2 * SR))])
         sentences = [event_sentence(k) for k in keys]
         task, prompt = "audio_caption", AUDIO_CAPTION_PROMPT
         response = " ".join(sentences[:1] + [f"Then {s[0].lower()}{s[1:]}" for s in sentences[1:]])
     name = f"{split}_{i:04d}"
     write_wav(os.path.join(out, "audio", f"{name}.wav"), audio)
-    return {"id": name, "audio": f"audio/{name}.wav", "task": task, "prompt": prompt, "response": response}
+    events = [{"text": event_sentence(k), "type": event_type(k), "key": k, "start": round(t, 3)} for t, k in timed]
+    return {"id": name, "audio": f"audio/{name}.wav", "task": task, "prompt": prompt, "response": response,
+            "events": events}
 
 
 # -----------------------------------------------------------------------------
@@ -569,13 +590,15 @@ def main():
         image_results = pool.map(make_image, image_jobs, chunksize=16)
     texts = ["system", "user", "assistant", SYSTEM] + [event_sentence(k) for k in all_keys()] + WORDS + SOUND_NAMES
     for split in SPLITS:
-        av_items = [it for job, (items, _, _) in zip(clip_jobs, clip_results) if job[2] == split for it in items]
-        base_items = [it for job, (_, base, _) in zip(clip_jobs, clip_results) if job[2] == split for it in base]
+        av_items = [it for job, (items, _, _, _) in zip(clip_jobs, clip_results) if job[2] == split for it in items]
+        base_items = [it for job, (_, base, _, _) in zip(clip_jobs, clip_results) if job[2] == split for it in base]
         image_items = [it for job, it in zip(image_jobs, image_results) if job[2] == split]
         align_items = [it for job, it in zip(audio_jobs, audio_results) if job[2] == split]
         text_items = [repeat_item(it) for it in av_items if it["task"] == "caption"]
         copy_items = [repeat_item(it) for it in align_items] + [copy_item(split, args.seed, i) for i in range(copies[split])]
-        text_items += [read for job, (_, _, read) in zip(clip_jobs, clip_results) if job[2] == split]
+        text_items += [read for job, (_, _, read, _) in zip(clip_jobs, clip_results) if job[2] == split]
+        written = [it for job, res in zip(clip_jobs, clip_results) if job[2] == split for it in res[3]]
+        write_jsonl(os.path.join(args.out, f"written_{split}.jsonl"), written)  # template sentences: not the tokenizer's
         for name, items in ((split, av_items), (f"base_{split}", base_items), (f"image_{split}", image_items),
                             (f"align_{split}", align_items), (f"text_{split}", text_items), (f"copy_{split}", copy_items)):
             write_jsonl(os.path.join(args.out, f"{name}.jsonl"), items)
