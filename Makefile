@@ -2,7 +2,7 @@ PY := .venv/bin/python
 TOY := data/toyav
 TOY_SEED ?= 1337
 
-.PHONY: test toy hear ablations setup clean
+.PHONY: test toy ablations setup clean
 
 .venv/.installed: requirements.txt requirements-dev.txt requirements-data.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -16,13 +16,14 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # the toy world of seed TOY_SEED (written again only when its seed or generator changes), its pretrained encoders
-# (trained again only when their content hash changes), then every stage and its evaluation, then the MrDPO rounds
-# (each evaluated on the test split)
+# (trained again only when their content hash changes), then the LLM's three stages (to see, to copy, to read what it
+# hears written), every stage of the paper and its evaluation, then the MrDPO rounds (each evaluated on the test split)
 toy: setup
 	$(PY) $(TOY)/prepare.py --seed $(TOY_SEED) --keep
-	rm -rf out/toy/results.json out/toy/vision out/toy/base out/toy/align out/toy/sft out/toy/mrdpo out/toy/ablations*
+	rm -rf out/toy/results.json out/toy/vision out/toy/copy out/toy/base out/toy/align out/toy/sft out/toy/mrdpo out/toy/ablations*
 	$(PY) $(TOY)/pretrain_encoders.py --config config/toy_vision.py --results out/toy/results.json
 	$(PY) train_sft.py config/toy_vision.py
+	$(PY) train_sft.py config/toy_copy.py
 	$(PY) train_sft.py config/toy_base.py
 	$(PY) eval.py --stage=base --ckpt=out/toy/base/final
 	$(PY) train_align.py config/toy_align.py
@@ -31,23 +32,6 @@ toy: setup
 	$(PY) eval.py --stage=sft --ckpt=out/toy/sft/final
 	$(PY) train_mrdpo.py config/toy_mrdpo.py
 	@cat out/toy/results.json
-
-# the toy that hears in alignment (not make toy's chain): make toy's vision LLM learns to copy, then to see again; the
-# aligner learns speech first, anchored to the LLM's word embeddings (training.py's anchor), then speech and sounds;
-# then the paper's AV SFT on it. Its rates go to out/toy/hear/results.json
-hear: setup
-	test -f out/toy/vision/final/train_config.json || $(MAKE) toy
-	rm -rf out/toy/copy out/toy/hear
-	$(PY) train_sft.py config/toy_copy.py
-	$(PY) train_sft.py config/toy_base.py --init_from=out/toy/copy/final --steps=600 --out_dir=out/toy/hear/base
-	$(PY) eval.py --stage=base --ckpt=out/toy/hear/base/final --results=out/toy/hear/results.json
-	$(PY) train_align.py config/toy_align.py --init_from=out/toy/hear/base/final --tasks="('asr',)" --anchor=1.0 \
-		--steps=800 --out_dir=out/toy/hear/align_speech
-	$(PY) train_align.py config/toy_align.py --init_from=out/toy/hear/align_speech/final --anchor=1.0 --out_dir=out/toy/hear/align
-	$(PY) eval.py --stage=align --ckpt=out/toy/hear/align/final --results=out/toy/hear/results.json
-	$(PY) train_sft.py config/toy_sft.py --init_from=out/toy/hear/align/final --out_dir=out/toy/hear/sft
-	$(PY) eval.py --stage=sft --ckpt=out/toy/hear/sft/final --results=out/toy/hear/results.json
-	@cat out/toy/hear/results.json
 
 # the paper's two MrDPO ablations next to the method, 3 seeds each, from make toy's SFT model: Total per round
 ablations: setup

@@ -420,10 +420,14 @@ def main(argv):
     if c["stage"] == "base" and os.path.exists(meta):
         seconds["prepare"] = json.load(open(meta))["seconds"]
     init = os.path.normpath(str(trained.get("init_from")))
-    before = os.path.join(init, "train_config.json")  # the toy's stage before the base
-    name = os.path.basename(os.path.dirname(init))  # vision, or make hear's copy
-    if c["stage"] == "base" and os.path.exists(before) and name not in seconds:
-        seconds[name] = json.load(open(before)).get("seconds", 0.0)
+    while c["stage"] == "base" and os.path.exists(os.path.join(init, "train_config.json")):  # the toy's stages before
+        name = os.path.basename(os.path.dirname(init))  # the base, by their directories' names: copy, then vision
+        if name in seconds:
+            break
+        with open(os.path.join(init, "train_config.json")) as f:
+            before = json.load(f)
+        seconds[name] = before.get("seconds", 0.0)
+        init = os.path.normpath(str(before.get("init_from")))
     merge_results(c["results"], {c["stage"]: metrics}, seconds)
     print(f"{c['stage']}: {json.dumps(metrics)}")
 
