@@ -272,6 +272,11 @@ class Features:
                     self.features(items[i])
                 except MediaError as e:
                     problem = e
+            if problem is None and written_audio and "events" in items[i]:
+                try:
+                    soundtrack_ids(tok, items[i]["events"], 1, 0.5)
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                    problem = f"events: not a soundtrack to write ({type(e).__name__}: {e})"
             if problem:
                 print(f"skipped bad sample ({items[i].get('line', i)}): {problem}", flush=True)
                 bad.add(i)

@@ -76,3 +76,28 @@ def test_written_audio_stage_trains_and_refuses_what_it_cannot_do(world, tmp_pat
         path = write_config(tmp_path / "bad.py", world, tmp_path / "bad", written_audio=True, **bad)
         out = subprocess.run([sys.executable, "train_sft.py", path], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 2 and message in out.stderr + out.stdout, out.stderr[-500:]
+
+
+def test_anchor_targets_are_the_written_words_without_silence():
+    from training import transcript_ids
+    tok = WordTokenizer()
+    asr = {"task": "asr", "response": "bako  mizu"}
+    sounds = {"task": "audio_caption", "response": "A low tone plays. Then a burst of noise is heard.",
+              "events": [{"type": "sound", "key": ["tone", "low"], "start": 0.2},
+                         {"type": "sound", "key": ["noise"], "start": 2.1}]}
+    assert transcript_ids(tok, asr, 0) == [1, 2]
+    assert transcript_ids(tok, sounds, 0) is None  # speech alone unless sounds are asked for
+    assert transcript_ids(tok, sounds, 0, sounds=True) == [3, 4, 5]
+    assert transcript_ids(tok, {"task": "caption", "response": "x", "events": sounds["events"]}, 0, sounds=True) is None
+
+
+def test_malformed_events_are_named_and_skipped(tmp_path):
+    d, _, _ = small_toy_vision(tmp_path)
+    from checkpoint import load_model
+    from data import load_tokenizer
+    model, tok = load_model(str(tmp_path / "vision" / "final")), load_tokenizer(str(tmp_path / "vision" / "final"))
+    good = [it for it in read_manifest(str(d / "align_train.jsonl"))][:2]
+    bad = [dict(good[0], id="no_start", events=[{"type": "speech", "key": ["say", "bako"]}]),
+           dict(good[1], id="text_start", events=[{"type": "sound", "key": ["noise"], "start": "soon"}])]
+    f = Features(model, tok, good + bad, cache_dir=str(tmp_path / "cache"), written_audio=True)
+    assert f.skipped == 2 and [it["id"] for it in f.items] == [it["id"] for it in good]
