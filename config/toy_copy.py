@@ -1,8 +1,8 @@
-# Toy stage -1b, copying: the LLM that learned to see (config/toy_vision.py) learns to say again the toy words it is
-# shown, by content, among runs of blanks (an utterance reaches the LLM as a few word tokens among the audio tokens of
-# silence), which a real base LLM does from its text pretraining. Copying alone, the LLM forgets some of its seeing;
-# config/toy_base.py brings it back. Copying learned beside seeing is learned far slower: this stage copies all 50
-# held-out blank copies in 1,500 steps, the two mixed 4 of 50 in 800 (dev/LOG.md).
+# Toy stage 0, copying: the LLM that learned to see (config/toy_vision.py) learns what a real base LLM brings to audio
+# alignment, which freezes it: to say again the toy words it is shown, by content, among runs of blanks (an
+# utterance reaches the LLM as a few word tokens among the audio tokens of silence). Copying alone, the LLM forgets
+# how to see; config/toy_base.py brings that back. Copying learned beside seeing is learned far slower: this stage
+# copies all 50 held-out blank copies in 1,500 steps, the two mixed 4 of 50 in 800 (dev/LOG.md).
 init_from = "out/toy/vision/final"
 lora_r = 0
 trainable = ("llm.",)

@@ -14,9 +14,7 @@ arch = dict(  # every class as in the 7B model, tiny; vocab_size is taken from t
                  encoder_ffn_dim=128, max_source_positions=200),  # 4 s segments (400 mel frames)
     qformer=dict(encoder_width=64, hidden=64, heads=4, intermediate=128, window=25,
                  frames_per_segment=200, llm_dim=128),  # 0.5 s windows, as released: 8 tokens per 4 s segment
-    pool=2, segment_seconds=4.0,
-    time_aligned=True)  # each frame its own second's two audio tokens: 4-12 s clips in 4 s segments, spread evenly
-    # as released, would repeat and pad tokens between the words the toy LLM reads in order (dev/LOG.md, session 6)
+    pool=2, segment_seconds=4.0, time_aligned=False)
 lora_r = 0
 use_audio = False
 trainable = ("llm.", "projector.", "image_newline")
