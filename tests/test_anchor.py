@@ -9,6 +9,7 @@ import sys
 import torch
 
 from model import AVConfig, VideoSALMONN2, anchor_loss
+from qformer import segment_positions
 from test_train import ARCH, ROOT, final_weights, run, small_toy_vision, world, write_config  # noqa: F401  world is a fixture
 
 torch.manual_seed(0)
@@ -64,7 +65,9 @@ def test_forward_with_transcripts_anchors_only_the_items_that_have_one():
     with torch.no_grad():
         nll = m(batch)
         nll_too, (ctc, commit, tokens), k = m(batch, [None, [8, 9]], blank=4, tau=0.5)
-        want = anchor_loss([m.audio(aud[1])], [[8, 9]], m.llm.embed_tokens.weight, 4, 0.5)
+        # anchored without the segment embedding: segment 2's tokens carry its row, segment 1's row is zeros
+        bare = m.audio(aud[1]) - segment_positions(2, 32).repeat_interleave(10, 0)
+        want = anchor_loss([bare], [[8, 9]], m.llm.embed_tokens.weight, 4, 0.5)
     assert torch.equal(nll[0], nll_too[0]) and nll[1] == nll_too[1]
     assert torch.allclose(ctc, want[0]) and torch.allclose(commit, want[1]) and tokens == 20 and k == 1  # 2 segments x 10 windows
     _, (ctc, commit, tokens), k = m(batch, [None, None])  # no transcript: zeros that still backpropagate
@@ -94,21 +97,30 @@ def test_align_stage_with_the_anchor_trains_the_aligner_alone(world, tmp_path): 
     assert out.returncode == 2 and "anchor: needs audio" in out.stderr + out.stdout
 
 
-def test_make_hear_chain_on_the_small_toy_world(tmp_path):
-    """make hear's stages and overrides, a few steps each: copy -> base from it (its seconds under "copy") -> speech
-    alone with the anchor -> speech and sounds."""
-    d, _, common = small_toy_vision(tmp_path)
+def test_make_read_chain_on_the_small_toy_world(tmp_path):
+    """make read's stages and overrides, a few steps each: copy -> the base that reads its written soundtrack (its
+    seconds and its earlier stages' under their names) -> alignment anchored to speech and sounds -> SFT."""
+    d, encoders, common = small_toy_vision(tmp_path)
     res = tmp_path / "results.json"
+    evaluate = lambda stage, ckpt: run(["eval.py", f"--stage={stage}", f"--ckpt={ckpt}", f"--data_dir={d}", f"--results={res}",
+                                        f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
     run(["train_sft.py", "config/toy_copy.py", *common, f"--init_from={tmp_path / 'vision' / 'final'}",
          f"--train_data={d / 'copy_train.jsonl'}", f"--out_dir={tmp_path / 'copy'}"])
-    run(["train_sft.py", "config/toy_base.py", *common, f"--init_from={tmp_path / 'copy' / 'final'}",
-         f"--train_data={d / 'copy_train.jsonl'},{d / 'base_train.jsonl'}", f"--out_dir={tmp_path / 'base'}"])
-    run(["eval.py", "--stage=base", f"--ckpt={tmp_path / 'base' / 'final'}", f"--data_dir={d}", f"--results={res}",
-         f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
-    run(["train_align.py", "config/toy_align.py", *common, f"--init_from={tmp_path / 'base' / 'final'}",
-         f"--train_data={d / 'align_train.jsonl'}", "--tasks=('asr',)", "--anchor=1.0", f"--out_dir={tmp_path / 'speech'}"])
-    run(["train_align.py", "config/toy_align.py", *common, f"--init_from={tmp_path / 'speech' / 'final'}",
-         f"--train_data={d / 'align_train.jsonl'}", "--anchor=1.0", f"--out_dir={tmp_path / 'align'}"])
-    saved = json.loads((tmp_path / "speech" / "final" / "train_config.json").read_text())
-    assert saved["anchor"] == 1.0 and saved["tasks"] == ["asr"]
-    assert {"prepare", "copy", "base"} == set(json.loads(res.read_text())["seconds"])
+    run(["train_sft.py", "config/toy_read.py", *common, f"--init_from={tmp_path / 'copy' / 'final'}",
+         f"--train_data={d / 'written_train.jsonl'},{d / 'base_train.jsonl'},{d / 'align_train.jsonl'}",
+         f"--out_dir={tmp_path / 'read' / 'base'}"])
+    evaluate("base", tmp_path / "read" / "base" / "final")
+    run(["train_align.py", "config/toy_align.py", *common, f"--init_from={tmp_path / 'read' / 'base' / 'final'}",
+         f"--train_data={d / 'align_train.jsonl'}", "--anchor=1.0", "--anchor_sounds=True", f"--out_dir={tmp_path / 'align'}"])
+    evaluate("align", tmp_path / "align" / "final")
+    run(["train_sft.py", "config/toy_sft.py", *common, f"--init_from={tmp_path / 'align' / 'final'}",
+         f"--train_data={d / 'train.jsonl'}", f"--out_dir={tmp_path / 'sft'}"])
+    base = json.loads((tmp_path / "read" / "base" / "final" / "train_config.json").read_text())
+    align = json.loads((tmp_path / "align" / "final" / "train_config.json").read_text())
+    assert base["written_audio"] is True and align["anchor_sounds"] is True and align["anchor"] == 1.0
+    assert all(VideoSALMONN2.from_pretrained(tmp_path / s / "final").cfg.time_aligned for s in ("align", "sft"))
+    assert {"prepare", "vision", "copy", "base", "align"} == set(json.loads(res.read_text())["seconds"])
+    m = VideoSALMONN2.from_pretrained(tmp_path / "sft" / "final")  # the encoders are frozen through it all
+    state = {f"tower.{k}": v for k, v in m.tower.state_dict().items()}
+    state.update({f"speech_encoder.{k}": v for k, v in m.speech_encoder.state_dict().items()})
+    assert all(torch.equal(state[k], encoders[k].to(state[k].dtype)) for k in encoders)
