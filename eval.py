@@ -37,6 +37,7 @@ results = "out/toy/results.json"  # merged into, stage by stage
 cache_dir = "out/toy/cache"  # frozen-encoder features (shared with training)
 max_new_tokens = 160  # longest caption generated
 limit = 0  # items per task (0: all)
+written_audio = False  # toy: every item hears its soundtrack written in words (training.py's written_audio)
 fps = 1.0  # frames per second sampled
 max_frames = 110  # frames at most
 batch = 0  # videos decoding together (engine.py); 0: 8 on a CPU, on a GPU as many as its free memory holds
@@ -76,7 +77,7 @@ def answer_stream(model, tok, items, c, max_new_tokens, use_audio=True):
     whose media could be read. Unreadable items are named and counted by Features."""
     dev = next(model.parameters()).device
     data = Features(model, tok, items, fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"],
-                    use_audio=use_audio, responses=False)
+                    use_audio=use_audio, responses=False, written_audio=c["written_audio"])
     for k, ids in model.stream((data.example(i, dev)[:2] for i in range(len(data.items))), batch=c["batch"],
                                max_new_tokens=max_new_tokens, greedy=True, stop_ids=(tok.token_to_id("<|im_end|>"),)):
         yield k, data.items[k], decode_response(tok, ids[0])

@@ -110,6 +110,10 @@ def test_make_read_chain_on_the_small_toy_world(tmp_path):
          f"--train_data={d / 'written_train.jsonl'},{d / 'base_train.jsonl'},{d / 'align_train.jsonl'}",
          f"--out_dir={tmp_path / 'read' / 'base'}"])
     evaluate("base", tmp_path / "read" / "base" / "final")
+    written = tmp_path / "written.json"  # the base given each item's written soundtrack
+    run(["eval.py", "--stage=align", f"--ckpt={tmp_path / 'read' / 'base' / 'final'}", f"--data_dir={d}",
+         f"--results={written}", f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8", "--written_audio=True"])
+    assert "asr_wer" in json.loads(written.read_text())["align"]
     run(["train_align.py", "config/toy_align.py", *common, f"--init_from={tmp_path / 'read' / 'base' / 'final'}",
          f"--train_data={d / 'align_train.jsonl'}", "--anchor=1.0", "--anchor_sounds=True", f"--out_dir={tmp_path / 'align'}"])
     evaluate("align", tmp_path / "align" / "final")
