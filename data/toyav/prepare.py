@@ -253,6 +253,16 @@ def audio_key(rng):
     return list(pick(rng, SOUND_KEYS))
 
 
+def chronological(events):
+    """[(start second, key)] in time order; stable, and at the same second sight first."""
+    return sorted(events, key=lambda e: (e[0], event_type(e[1]) != "visual"))
+
+
+def manifest_events(timed):
+    """[(start second, key)] -> the manifest's events: {"text", "type", "key", "start"} each, in the same order."""
+    return [{"text": event_sentence(k), "type": event_type(k), "key": k, "start": t} for t, k in timed]
+
+
 def plan_soundtrack(rng, seconds):
     """A clip's audio events [(start second, key)]: 2 s slots with 0-2 s of silence between."""
     events, t = [], int(rng.integers(0, 2))
@@ -293,8 +303,7 @@ def plan_clip(rng, has_audio):
         t += HOLD + int(rng.integers(0, 2))
     if has_audio:
         events += plan_soundtrack(rng, seconds)
-    events.sort(key=lambda e: (e[0], event_type(e[1]) != "visual"))  # stable: at the same second, sight first
-    return seconds, events, places
+    return seconds, chronological(events), places
 
 
 GRID_Y, GRID_X = np.mgrid[0:SIZE, 0:SIZE] + 0.5  # pixel centres
@@ -465,7 +474,7 @@ def make_clip(job):
     video = f"clips/{name}.mp4"
     audio = mix(seconds, events, rng) if has_audio else None
     write_mp4(os.path.join(out, video), render_frames(seconds, events, places), audio)
-    entries = [{"text": event_sentence(k), "type": event_type(k), "key": k, "start": t} for t, k in events]
+    entries = manifest_events(events)
     items = [{"id": name, "video": video, "task": "caption", "prompt": CAPTION_PROMPT,
               "response": " ".join(e["text"] for e in entries), "events": entries}]
     items += [qa_item(f"{name}_qa{j}", video, *q) for j, q in enumerate(make_questions(rng, [k for _, k in events]))]
@@ -478,13 +487,11 @@ def make_clip(job):
     base.append(qa_item(f"{name}_vqa", video, *pick(rng, make_questions(rng, [e["key"] for e in seen]))))
     read = read_item(items[0]["response"], pick(rng, items[1:]))
     rng = np.random.default_rng([seed, SPLITS.index(split), 5, i])
-    written = []
+    sights, written = [(t, key) for t, key in events if event_type(key) == "visual"], []
     for k in range(WRITTEN_SOUNDTRACKS if has_audio else 0):
-        new = sorted([(t, key) for t, key in events if event_type(key) == "visual"] + plan_soundtrack(rng, seconds),
-                     key=lambda e: (e[0], event_type(e[1]) != "visual"))
-        entries = [{"text": event_sentence(key), "type": event_type(key), "key": key, "start": t} for t, key in new]
+        drawn = manifest_events(chronological(sights + plan_soundtrack(rng, seconds)))
         written.append({"id": f"{name}_w{k}", "video": video, "task": "caption", "prompt": CAPTION_PROMPT,
-                        "response": " ".join(e["text"] for e in entries), "events": entries})
+                        "response": " ".join(e["text"] for e in drawn), "events": drawn})
     return items, base, read, written
 
 
@@ -526,7 +533,7 @@ def make_audio_item(job):
         response = " ".join(sentences[:1] + [f"Then {s[0].lower()}{s[1:]}" for s in sentences[1:]])
     name = f"{split}_{i:04d}"
     write_wav(os.path.join(out, "audio", f"{name}.wav"), audio)
-    events = [{"text": event_sentence(k), "type": event_type(k), "key": k, "start": round(t, 3)} for t, k in timed]
+    events = manifest_events([(round(t, 3), k) for t, k in timed])
     return {"id": name, "audio": f"audio/{name}.wav", "task": task, "prompt": prompt, "response": response,
             "events": events}
 
