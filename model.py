@@ -359,6 +359,7 @@ class AVConfig:
     pool: int = 2  # max-pool stride over the patch grid, after the projector (27 x 27 -> 13 x 13)
     segment_seconds: float = CHUNK_LENGTH  # audio per Whisper input
     time_aligned: bool = False  # give each frame only its own seconds of audio (see interleave)
+    snap_audio: bool = False  # toy: each aligner token read as its nearest word (see snap); not in the paper
 
     @property
     def tokens_per_frame(self):  # 13 * 13 + 13 newlines = 182 for so400m at 384 px
@@ -377,12 +378,13 @@ class AVConfig:
     def to_dict(self):
         return {"llm": vars(self.llm), "vision": vars(self.vision), "whisper": vars(self.whisper),
                 "qformer": vars(self.qformer), "pool": self.pool, "segment_seconds": self.segment_seconds,
-                "time_aligned": self.time_aligned}
+                "time_aligned": self.time_aligned, "snap_audio": self.snap_audio}
 
     @staticmethod
     def from_dict(d):
         return AVConfig(Qwen2Config(**d["llm"]), SiglipVisionConfig(**d["vision"]), WhisperConfig(**d["whisper"]),
-                        QFormerConfig(**d["qformer"]), d["pool"], d["segment_seconds"], d["time_aligned"])
+                        QFormerConfig(**d["qformer"]), d["pool"], d["segment_seconds"], d["time_aligned"],
+                        d.get("snap_audio", False))
 
 
 class VideoSALMONN2(nn.Module):
@@ -495,9 +497,23 @@ class VideoSALMONN2(nn.Module):
         """Whisper features (S, frames, C) -> the aligner's tokens (S * T, D); or a written soundtrack, token ids (S, T)
         (data.soundtrack_ids: the toy LLM's stand-in for reading text, training.py's written_audio) -> their
         embeddings, with the segment embedding the aligner's tokens carry."""
-        if aud.is_floating_point():
-            return self.audio(aud)
-        return self.audio.add_segments(self.llm.embed_tokens(aud))
+        if not aud.is_floating_point():
+            return self.audio.add_segments(self.llm.embed_tokens(aud))
+        x = self.audio(aud)
+        return self.snap(x) if self.cfg.snap_audio else x
+
+    def snap(self, x):
+        """Toy (snap_audio): aligner tokens (S * T, D) -> the embedding of each one's nearest token, the segment
+        embedding kept; the gradient passes straight through to the aligner, as VQ-VAE's (van den Oord et al., 2017).
+        The toy LLM reads its own embeddings and little between them: the anchored aligner's tokens name the right
+        word (WER 0.3) yet a caption states 5 % of the speech, 41 % once snapped (dev/LOG.md, session 7).
+        A real LLM reads its aligner's vectors as they are."""
+        T = self.cfg.qformer.tokens_per_segment
+        bare = self.audio.add_segments(rearrange(x, "(s t) d -> s t d", t=T), -1)  # (S * T, D)
+        emb = self.llm.embed_tokens.weight.detach()
+        words = emb[torch.cdist(bare.float(), emb.float()).argmin(-1)].to(x.dtype)  # (S * T, D)
+        q = self.audio.add_segments(rearrange(words, "(s t) d -> s t d", t=T))
+        return x + (q - x).detach()
 
     def embed_sequence(self, feats, prompt_ids, response_ids, av=None):
         """One training sequence: (embeds (1, P + R, D), P) for the prompt around the AV block (av, or made from
@@ -516,13 +532,15 @@ class VideoSALMONN2(nn.Module):
         nll = self.response_nll([(*self.embed_sequence(None, p, r, av), r) for av, (_, p, r) in zip(avs, batch)])
         if transcripts is None:
             return nll
-        pairs = [(av, t) for av, (f, _, _), t in zip(avs, batch, transcripts) if t and f[0] is None and f[1] is not None]
+        pairs = [(av, f[1], t) for av, (f, _, _), t in zip(avs, batch, transcripts) if t and f[0] is None and f[1] is not None]
         if not pairs:
             return nll, (nll[0] * 0, nll[0] * 0, 0), 0
-        # anchored without the segment embedding, so a token of any segment can reach its word
+        # anchored without the segment embedding, so a token of any segment can reach its word; snapped tokens would
+        # sit on their words already, so the anchor pulls the aligner's own
         T = self.cfg.qformer.tokens_per_segment
-        bare = [self.audio.add_segments(rearrange(av, "(s t) d -> s t d", t=T), -1) for av, _ in pairs]
-        return nll, anchor_loss(bare, [t for _, t in pairs], self.llm.embed_tokens.weight, blank, tau), len(pairs)
+        raw = [self.audio(aud) if self.cfg.snap_audio else av for av, aud, _ in pairs]
+        bare = [self.audio.add_segments(rearrange(x, "(s t) d -> s t d", t=T), -1) for x in raw]
+        return nll, anchor_loss(bare, [t for _, _, t in pairs], self.llm.embed_tokens.weight, blank, tau), len(pairs)
 
     def response_nll(self, seqs):
         """Summed negative log-likelihood of the responses, and their token count, for a list of

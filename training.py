@@ -48,6 +48,7 @@ lora_dropout = 0.05  # dropout on the LoRA input
 lora_targets = ("q_proj", "k_proj", "v_proj")  # LLM linears that get LoRA, as released
 trainable = ("lora_", "audio.")  # substrings of the parameter names that train; all else is frozen
 time_aligned = None  # True: each frame gets only its own seconds' audio tokens; False: Eq. 4-6; None: as the checkpoint
+snap_audio = None  # toy: True reads each aligner token as its nearest word (model.snap); None: as the checkpoint
 # data
 train_data = "data/toyav/train.jsonl"  # manifest, or several joined by commas
 val_data = "data/toyav/val.jsonl"  # manifest for the validation loss ("" for none)
@@ -153,8 +154,9 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
         model = VideoSALMONN2Plus.from_lora(c["init_from"], c["lora_base"])
     else:
         model = load_model(c["init_from"])
-    if c.get("time_aligned") is not None and hasattr(model.cfg, "time_aligned"):  # v1's interleaving switch, saved with the config
-        model.cfg.time_aligned = c["time_aligned"]
+    for switch in ("time_aligned", "snap_audio"):  # v1's toy switches, saved with the config
+        if c.get(switch) is not None and hasattr(model.cfg, switch):
+            setattr(model.cfg, switch, c[switch])
     if c["lora_r"]:
         dropout = c["lora_dropout"] if lora_dropout is None else lora_dropout
         lora.apply_lora(model.llm, c["lora_targets"], c["lora_r"], c["lora_alpha"], dropout)
