@@ -528,19 +528,21 @@ class VideoSALMONN2(nn.Module):
         token count). Going through forward lets FSDP gather the root's parameters (projector, aligner,
         embeddings) once for the whole step. With transcripts (an example's transcript ids, or None) it also returns
         anchor_loss's sums over the audio-only examples that have one, and their count."""
-        avs = [self.av_tokens(*f) for f, _, _ in batch]
+        # audio-only items' aligner tokens as they come, before any snap: what the anchor pulls
+        heard = [self.audio(f[1]) if f[0] is None and f[1] is not None and f[1].is_floating_point() else None
+                 for f, _, _ in batch]
+        avs = [self.av_tokens(*f) if x is None else self.snap(x) if self.cfg.snap_audio else x
+               for x, (f, _, _) in zip(heard, batch)]
         nll = self.response_nll([(*self.embed_sequence(None, p, r, av), r) for av, (_, p, r) in zip(avs, batch)])
         if transcripts is None:
             return nll
-        pairs = [(av, f[1], t) for av, (f, _, _), t in zip(avs, batch, transcripts) if t and f[0] is None and f[1] is not None]
+        pairs = [(x, t) for x, t in zip(heard, transcripts) if t and x is not None]
         if not pairs:
             return nll, (nll[0] * 0, nll[0] * 0, 0), 0
-        # anchored without the segment embedding, so a token of any segment can reach its word; snapped tokens would
-        # sit on their words already, so the anchor pulls the aligner's own
+        # anchored without the segment embedding, so a token of any segment can reach its word
         T = self.cfg.qformer.tokens_per_segment
-        raw = [self.audio(aud) if self.cfg.snap_audio else av for av, aud, _ in pairs]
-        bare = [self.audio.add_segments(rearrange(x, "(s t) d -> s t d", t=T), -1) for x in raw]
-        return nll, anchor_loss(bare, [t for _, _, t in pairs], self.llm.embed_tokens.weight, blank, tau), len(pairs)
+        bare = [self.audio.add_segments(rearrange(x, "(s t) d -> s t d", t=T), -1) for x, _ in pairs]
+        return nll, anchor_loss(bare, [t for _, t in pairs], self.llm.embed_tokens.weight, blank, tau), len(pairs)
 
     def response_nll(self, seqs):
         """Summed negative log-likelihood of the responses, and their token count, for a list of
