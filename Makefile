@@ -34,7 +34,8 @@ toy: setup
 
 # the toy that reads what it hears (not make toy's chain): make toy's vision LLM learns to copy, then to read its
 # soundtrack written in words where the aligner's tokens go (seeing on); the aligner learns speech and sounds anchored
-# to those words (training.py's anchor); then the paper's AV SFT on it. Its rates go to out/toy/read/results.json
+# to those words (training.py's anchor), each of its tokens read as its nearest word (snap_audio); then the paper's AV
+# SFT on it, the aligner kept as aligned (trained on, it leaves its words). Its rates go to out/toy/read/results.json
 read: setup
 	test -f out/toy/vision/final/train_config.json || $(MAKE) toy
 	rm -rf out/toy/copy out/toy/read
@@ -42,9 +43,10 @@ read: setup
 	$(PY) train_sft.py config/toy_read.py
 	$(PY) eval.py --stage=base --ckpt=out/toy/read/base/final --results=out/toy/read/results.json
 	$(PY) train_align.py config/toy_align.py --init_from=out/toy/read/base/final --anchor=1.0 --anchor_sounds=True \
-		--steps=600 --out_dir=out/toy/read/align
+		--snap_audio=True --steps=600 --out_dir=out/toy/read/align
 	$(PY) eval.py --stage=align --ckpt=out/toy/read/align/final --results=out/toy/read/results.json
-	$(PY) train_sft.py config/toy_sft.py --init_from=out/toy/read/align/final --steps=400 --out_dir=out/toy/read/sft
+	$(PY) train_sft.py config/toy_sft.py --init_from=out/toy/read/align/final --steps=400 "--trainable=('lora_',)" \
+		--out_dir=out/toy/read/sft
 	$(PY) eval.py --stage=sft --ckpt=out/toy/read/sft/final --results=out/toy/read/results.json
 	@cat out/toy/read/results.json
 
