@@ -1,6 +1,6 @@
 # Toy stage -1, the LLM from scratch, learning the toy language by describing videos. The 7B model's LLM (Qwen2)
 # comes pretrained on text and its visual base (LLaVA-OneVision) from it; the toy's LLM learns to see first, and to copy
-# and say the sound sentences after (config/toy_base.py): a 4-layer LLM trained on copying first learned to describe
+# and read after (config/toy_copy.py, config/toy_base.py): a 4-layer LLM trained on copying first learned to describe
 # videos far slower (51 % of visual events stated exactly after 500 steps, against 75 % from scratch; dev/LOG.md).
 init_from = "scratch"
 tokenizer = "data/toyav/tokenizer.json"

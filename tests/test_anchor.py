@@ -10,7 +10,7 @@ import torch
 
 from model import AVConfig, VideoSALMONN2, anchor_loss
 from qformer import segment_positions
-from test_train import ARCH, ROOT, final_weights, run, small_toy_vision, world, write_config  # noqa: F401  world is a fixture
+from test_train import ARCH, ROOT, final_weights, run, world, write_config  # noqa: F401  world is a fixture
 
 torch.manual_seed(0)
 
@@ -95,40 +95,3 @@ def test_align_stage_with_the_anchor_trains_the_aligner_alone(world, tmp_path): 
                                use_audio=False)
     out = subprocess.run([sys.executable, "train_align.py", if_no_audio], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "anchor: needs audio" in out.stderr + out.stdout
-
-
-def test_make_read_chain_on_the_small_toy_world(tmp_path):
-    """make read's stages and overrides, a few steps each: copy -> the base that reads its written soundtrack (its
-    seconds and its earlier stages' under their names) -> alignment anchored to speech and sounds, its tokens snapped
-    -> SFT of the LoRA alone."""
-    d, encoders, common = small_toy_vision(tmp_path)
-    res = tmp_path / "results.json"
-    evaluate = lambda stage, ckpt: run(["eval.py", f"--stage={stage}", f"--ckpt={ckpt}", f"--data_dir={d}", f"--results={res}",
-                                        f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
-    run(["train_sft.py", "config/toy_copy.py", *common, f"--init_from={tmp_path / 'vision' / 'final'}",
-         f"--train_data={d / 'copy_train.jsonl'}", f"--out_dir={tmp_path / 'copy'}"])
-    run(["train_sft.py", "config/toy_read.py", *common, f"--init_from={tmp_path / 'copy' / 'final'}",
-         f"--train_data={d / 'written_train.jsonl'},{d / 'base_train.jsonl'},{d / 'align_train.jsonl'}",
-         f"--out_dir={tmp_path / 'read' / 'base'}"])
-    evaluate("base", tmp_path / "read" / "base" / "final")
-    written = tmp_path / "written.json"  # the base given each item's written soundtrack
-    run(["eval.py", "--stage=align", f"--ckpt={tmp_path / 'read' / 'base' / 'final'}", f"--data_dir={d}",
-         f"--results={written}", f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8", "--written_audio=True"])
-    assert "asr_wer" in json.loads(written.read_text())["align"]
-    run(["train_align.py", "config/toy_align.py", *common, f"--init_from={tmp_path / 'read' / 'base' / 'final'}",
-         f"--train_data={d / 'align_train.jsonl'}", "--anchor=1.0", "--anchor_sounds=True", "--snap_audio=True",
-         f"--out_dir={tmp_path / 'align'}"])
-    evaluate("align", tmp_path / "align" / "final")
-    run(["train_sft.py", "config/toy_sft.py", *common, f"--init_from={tmp_path / 'align' / 'final'}",
-         f"--train_data={d / 'train.jsonl'}", "--trainable=('lora_',)", f"--out_dir={tmp_path / 'sft'}"])
-    base = json.loads((tmp_path / "read" / "base" / "final" / "train_config.json").read_text())
-    align = json.loads((tmp_path / "align" / "final" / "train_config.json").read_text())
-    assert base["written_audio"] is True and align["anchor_sounds"] is True and align["anchor"] == 1.0
-    aligned, sft = (VideoSALMONN2.from_pretrained(tmp_path / s / "final") for s in ("align", "sft"))
-    assert all(m.cfg.time_aligned and m.cfg.snap_audio for m in (aligned, sft))  # saved with the config, kept by SFT
-    assert all(torch.equal(p, sft.audio.state_dict()[k]) for k, p in aligned.audio.state_dict().items())  # LoRA only
-    assert {"prepare", "vision", "copy", "base", "align"} == set(json.loads(res.read_text())["seconds"])
-    m = VideoSALMONN2.from_pretrained(tmp_path / "sft" / "final")  # the encoders are frozen through it all
-    state = {f"tower.{k}": v for k, v in m.tower.state_dict().items()}
-    state.update({f"speech_encoder.{k}": v for k, v in m.speech_encoder.state_dict().items()})
-    assert all(torch.equal(state[k], encoders[k].to(state[k].dtype)) for k in encoders)

@@ -79,7 +79,7 @@ def test_every_config_file_resolves_against_its_script(name):
     the 7B one's settings by import included); a typo or a stale key would fail here, not on a GPU node."""
     stage = name[:-3].rsplit("_", 1)[1]
     script = {"align": "train_align", "sft": "train_sft", "base": "train_sft", "vision": "train_sft", "copy": "train_sft",
-              "read": "train_sft", "mrdpo": "train_mrdpo"}[stage]
+              "mrdpo": "train_mrdpo"}[stage]
     g = dict(vars(importlib.import_module(script)))
     c = configure(g, [os.path.join(ROOT, "config", name)])
     assert c["out_dir"].startswith("out/")

@@ -164,27 +164,41 @@ def small_toy_vision(tmp_path):
 
 
 def test_toy_stages_and_results_json(tmp_path):
-    """The make toy chain on the small toy world: each stage trains a few steps and its evaluation
-    lands in results.json under the keys that external checks read. The scratch stage (the vision stage) loads the
-    pretrained encoders, which no later stage changes."""
+    """The make toy chain on the small toy world, a few steps each: copy -> the base that reads its written soundtrack
+    -> alignment anchored to speech and sounds, its tokens snapped -> SFT of the LoRA alone; each evaluation lands in
+    results.json under the keys that external checks read (the base's with its earlier stages' seconds). The scratch
+    stage (the vision stage) loads the pretrained encoders, which no later stage changes."""
     d, encoders, common = small_toy_vision(tmp_path)
     res = tmp_path / "results.json"
-    stages = [("train_sft.py", "config/toy_base.py", "base", f"--init_from={tmp_path / 'vision' / 'final'}",
-               f"--train_data={d / 'copy_train.jsonl'},{d / 'base_train.jsonl'}"),
+    stages = [("train_sft.py", "config/toy_copy.py", "copy", f"--init_from={tmp_path / 'vision' / 'final'}",
+               f"--train_data={d / 'copy_train.jsonl'}"),
+              ("train_sft.py", "config/toy_base.py", "base", f"--init_from={tmp_path / 'copy' / 'final'}",
+               f"--train_data={d / 'written_train.jsonl'},{d / 'base_train.jsonl'},{d / 'align_train.jsonl'}"),
               ("train_align.py", "config/toy_align.py", "align", f"--init_from={tmp_path / 'base' / 'final'}",
                f"--train_data={d / 'align_train.jsonl'}"),
               ("train_sft.py", "config/toy_sft.py", "sft", f"--init_from={tmp_path / 'align' / 'final'}",
                f"--train_data={d / 'train.jsonl'}")]
     for script, cfg, stage, *args in stages:
         run([script, cfg, *common, *args, f"--out_dir={tmp_path / stage}"])
-        run(["eval.py", f"--stage={stage}", f"--ckpt={tmp_path / stage / 'final'}", f"--data_dir={d}", f"--results={res}",
-             f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
+        if stage != "copy":
+            run(["eval.py", f"--stage={stage}", f"--ckpt={tmp_path / stage / 'final'}", f"--data_dir={d}", f"--results={res}",
+                 f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
+    written = tmp_path / "written.json"  # the base given each item's written soundtrack
+    run(["eval.py", "--stage=align", f"--ckpt={tmp_path / 'base' / 'final'}", f"--data_dir={d}", f"--results={written}",
+         f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8", "--written_audio=True"])
+    assert "asr_wer" in json.loads(written.read_text())["align"]
     r = json.loads(res.read_text())
-    assert set(r["seconds"]) == {"prepare", "vision", "base", "align", "sft"} and all(v > 0 for v in r["seconds"].values())
+    assert set(r["seconds"]) == {"prepare", "vision", "copy", "base", "align", "sft"} and all(v > 0 for v in r["seconds"].values())
     assert {"total", "miss", "hall"} <= set(r["base"]) and "asr_wer" in r["align"]
     assert {"miss", "hall", "total", "qa_acc", "accuracy"} <= set(r["sft"]) and 0 <= r["sft"]["qa_acc"] <= 1
     assert set(r["sft"]["accuracy"]) <= {"visual", "sound", "speech"}
-    for stage in ("vision", "base", "align", "sft"):  # the encoders are frozen from the vision stage on
+    base = json.loads((tmp_path / "base" / "final" / "train_config.json").read_text())
+    align = json.loads((tmp_path / "align" / "final" / "train_config.json").read_text())
+    assert base["written_audio"] is True and align["anchor_sounds"] is True and align["anchor"] == 1.0
+    aligned, sft = (VideoSALMONN2.from_pretrained(tmp_path / s / "final") for s in ("align", "sft"))
+    assert all(m.cfg.time_aligned and m.cfg.snap_audio for m in (aligned, sft))  # saved with the config, kept by SFT
+    assert all(torch.equal(p, sft.audio.state_dict()[k]) for k, p in aligned.audio.state_dict().items())  # LoRA only
+    for stage in ("vision", "copy", "base", "align", "sft"):  # the encoders are frozen from the vision stage on
         m = VideoSALMONN2.from_pretrained(tmp_path / stage / "final")
         state = {f"tower.{k}": v for k, v in m.tower.state_dict().items()}
         state.update({f"speech_encoder.{k}": v for k, v in m.speech_encoder.state_dict().items()})

@@ -523,8 +523,8 @@ def make_audio_item(job):
         timed = [(len(lead) / SR, ["say", response])]
     else:
         keys, pieces, timed = [list(pick(rng, SOUND_KEYS)) for _ in range(int(rng.integers(1, 4)))], [], []
-        for n, k in enumerate(keys):
-            pieces.append(silence(0.2, 0.5) if n else silence(0.1, 0.3))
+        for n, k in enumerate(keys):  # a sound starts on an aligner window, as in clips (whose events start on seconds)
+            pieces.append(np.zeros(round(int(rng.integers(0 if n == 0 else 1, 3)) * WORD_SECONDS * SR)))
             timed.append((sum(map(len, pieces)) / SR, k))
             pieces.append(sound(k, rng))
         audio = np.concatenate(pieces + [np.zeros(round(0.2 * SR))])
