@@ -154,7 +154,7 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
         model = VideoSALMONN2Plus.from_lora(c["init_from"], c["lora_base"])
     else:
         model = load_model(c["init_from"])
-    for switch in ("time_aligned", "snap_audio"):  # v1's toy switches, saved with the config
+    for switch in ("time_aligned", "snap_audio"):  # v1's switches (the 2+ model has neither), saved with its config
         if c.get(switch) is not None and hasattr(model.cfg, switch):
             setattr(model.cfg, switch, c[switch])
     if c["lora_r"]:
