@@ -499,15 +499,17 @@ class VideoSALMONN2(nn.Module):
         embeddings, with the segment embedding the aligner's tokens carry."""
         if not aud.is_floating_point():
             return self.audio.add_segments(self.llm.embed_tokens(aud))
-        x = self.audio(aud)
-        return self.snap(x) if self.cfg.snap_audio else x
+        return self.snap(self.audio(aud))
 
     def snap(self, x):
         """Toy (snap_audio): aligner tokens (S * T, D) -> the embedding of each one's nearest token, the segment
         embedding kept; the gradient passes straight through to the aligner, as VQ-VAE's (van den Oord et al., 2017).
+        With snap_audio off (every real model), x as it is.
         The toy LLM reads its own embeddings and little between them: the anchored aligner's tokens name the right
         word (WER 0.3) yet a caption states 5 % of the speech, 41 % once snapped (dev/LOG.md, session 7).
         A real LLM reads its aligner's vectors as they are."""
+        if not self.cfg.snap_audio:
+            return x
         T = self.cfg.qformer.tokens_per_segment
         bare = self.audio.add_segments(rearrange(x, "(s t) d -> s t d", t=T), -1)  # (S * T, D)
         emb = self.llm.embed_tokens.weight.detach()
@@ -531,8 +533,7 @@ class VideoSALMONN2(nn.Module):
         # audio-only items' aligner tokens as they come, before any snap: what the anchor pulls
         heard = [self.audio(f[1]) if f[0] is None and f[1] is not None and f[1].is_floating_point() else None
                  for f, _, _ in batch]
-        avs = [self.av_tokens(*f) if x is None else self.snap(x) if self.cfg.snap_audio else x
-               for x, (f, _, _) in zip(heard, batch)]
+        avs = [self.av_tokens(*f) if x is None else self.snap(x) for x, (f, _, _) in zip(heard, batch)]
         nll = self.response_nll([(*self.embed_sequence(None, p, r, av), r) for av, (_, p, r) in zip(avs, batch)])
         if transcripts is None:
             return nll

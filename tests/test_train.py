@@ -170,9 +170,9 @@ def test_toy_stages_and_results_json(tmp_path):
     stage (the vision stage) loads the pretrained encoders, which no later stage changes."""
     d, encoders, common = small_toy_vision(tmp_path)
     res = tmp_path / "results.json"
-    stages = [("train_sft.py", "config/toy_copy.py", "copy", f"--init_from={tmp_path / 'vision' / 'final'}",
-               f"--train_data={d / 'copy_train.jsonl'}"),
-              ("train_sft.py", "config/toy_base.py", "base", f"--init_from={tmp_path / 'copy' / 'final'}",
+    run(["train_sft.py", "config/toy_copy.py", *common, f"--init_from={tmp_path / 'vision' / 'final'}",
+         f"--train_data={d / 'copy_train.jsonl'}", f"--out_dir={tmp_path / 'copy'}"])  # evaluated by no toy stage
+    stages = [("train_sft.py", "config/toy_base.py", "base", f"--init_from={tmp_path / 'copy' / 'final'}",
                f"--train_data={d / 'written_train.jsonl'},{d / 'base_train.jsonl'},{d / 'align_train.jsonl'}"),
               ("train_align.py", "config/toy_align.py", "align", f"--init_from={tmp_path / 'base' / 'final'}",
                f"--train_data={d / 'align_train.jsonl'}"),
@@ -180,9 +180,8 @@ def test_toy_stages_and_results_json(tmp_path):
                f"--train_data={d / 'train.jsonl'}")]
     for script, cfg, stage, *args in stages:
         run([script, cfg, *common, *args, f"--out_dir={tmp_path / stage}"])
-        if stage != "copy":
-            run(["eval.py", f"--stage={stage}", f"--ckpt={tmp_path / stage / 'final'}", f"--data_dir={d}", f"--results={res}",
-                 f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
+        run(["eval.py", f"--stage={stage}", f"--ckpt={tmp_path / stage / 'final'}", f"--data_dir={d}", f"--results={res}",
+             f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8"])
     written = tmp_path / "written.json"  # the base given each item's written soundtrack
     run(["eval.py", "--stage=align", f"--ckpt={tmp_path / 'base' / 'final'}", f"--data_dir={d}", f"--results={written}",
          f"--cache_dir={tmp_path / 'cache'}", "--limit=2", "--max_new_tokens=8", "--written_audio=True"])
