@@ -343,6 +343,28 @@ def anchor_loss(tokens, targets, emb, blank, tau):
     return (ctc / torch.tensor(lengths, device=x.device)).sum(), d2.min(-1).values[real].sum(), sum(n)
 
 
+GROUP_OVERHEAD = 160  # padded positions one more forward costs, measured on 2 CPU cores (dev/LOG.md, session 8)
+
+
+def length_groups(lengths, overhead=GROUP_OVERHEAD):
+    """Indices of a batch's sequences, grouped so that right-padding each group to its longest wastes little:
+    sorted by length and cut where the padded positions saved outweigh `overhead`. A mixed batch (1 s sounds
+    beside 20 s clips) pads a third of its positions in one forward; the groups' summed losses are the same."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0] + [math.inf] * n, [0] * (n + 1)  # best[j]: cheapest cost of the j shortest; cut[j]: its last group's start
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + lengths[order[j - 1]] * (j - i) + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 # -----------------------------------------------------------------------------
 # video-SALMONN 2: the audio-visual model
 
@@ -547,14 +569,19 @@ class VideoSALMONN2(nn.Module):
 
     def response_nll(self, seqs):
         """Summed negative log-likelihood of the responses, and their token count, for a list of
-        (embeds (1, L, D), prefix length P, response ids) right-padded into one forward. The LM head
-        runs on the response positions only, never over the thousands of video tokens."""
-        L = max(e.size(1) for e, _, _ in seqs)
-        x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _ in seqs])  # (B, L, D): causal, so right padding is inert
-        h, _ = self.llm.hidden(x)
-        rows = torch.cat([h[i, P - 1:P - 1 + len(r)] for i, (_, P, r) in enumerate(seqs)])  # (sum R, D)
-        targets = torch.tensor([t for _, _, r in seqs for t in r], device=x.device)
-        return F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum"), targets.numel()
+        (embeds (1, L, D), prefix length P, response ids), right-padded into a forward per group of similar
+        lengths (length_groups). The LM head runs on the response positions only, never over the video tokens."""
+        nll, count = 0.0, 0
+        for group in length_groups([e.size(1) for e, _, _ in seqs]):
+            part = [seqs[i] for i in group]
+            L = max(e.size(1) for e, _, _ in part)
+            x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _ in part])  # (b, L, D): causal, so right padding is inert
+            h, _ = self.llm.hidden(x)
+            rows = torch.cat([h[i, P - 1:P - 1 + len(r)] for i, (_, P, r) in enumerate(part)])  # (sum R, D)
+            targets = torch.tensor([t for _, _, r in part for t in r], device=x.device)
+            nll = nll + F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum")
+            count += targets.numel()
+        return nll, count
 
     def continuation_logps(self, feats, prompt_ids, continuations):
         """Summed log-probability of each continuation (a list of N token lists) after one video's prompt,

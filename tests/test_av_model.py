@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tokenizer
 import checkpoint
+import model
 from checkpoint import ours_to_released
 from encoders import SiglipVisionConfig, WhisperConfig
 from model import AVConfig, Qwen2Config, VideoSALMONN2
@@ -276,8 +277,21 @@ def test_caption_cli_folder_skips_unreadable_and_resumes(tiny_checkpoint, tmp_pa
     assert len(again) == 3 and again[2]["video"] == str(videos[1]) and again[2]["caption"] == rows[str(videos[1])]["caption"]
 
 
-def test_response_nll_equals_full_forward_cross_entropy():
-    """Batched, right-padded, head on response rows only == per-sequence full-logits cross-entropy."""
+def test_length_groups_cut_where_padding_costs_more_than_a_forward():
+    short, long = [12, 10, 11, 9], [200, 190, 210, 205]
+    groups = model.length_groups(short + long, overhead=160)
+    assert groups == [[3, 1, 2, 0], [5, 4, 7, 6]]  # each group by length, shortest first
+    assert model.length_groups(short + long, overhead=10 ** 6) == [[3, 1, 2, 0, 5, 4, 7, 6]]  # one forward
+    assert model.length_groups([50] * 5, overhead=0) == [[0, 1, 2, 3, 4]]  # equal lengths: nothing to save
+    assert sorted(i for g in model.length_groups([7, 300, 40, 41, 1000, 2], 30) for i in g) == list(range(6))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_response_nll_equals_full_forward_cross_entropy(grouped, monkeypatch):
+    """Batched, right-padded, head on response rows only == per-sequence full-logits cross-entropy, in one
+    forward or in one per length group."""
+    if grouped:
+        monkeypatch.setattr(model, "length_groups", lambda lengths: [[2], [0, 1]])
     m = tiny_model()
     torch.manual_seed(2)
     items = [((torch.randn(2, 16, 32), torch.randn(1, 100, 32), [0.0, 1.0], 2.0), [1, 2, 3, 4, 5, 6]),
