@@ -414,6 +414,7 @@ class VideoSALMONN2(nn.Module):
     row newlines; audio -> frozen Whisper per segment -> window-level Q-Former; the two interleaved
     frame by frame and put in place of the <image> placeholder of the Qwen2 chat prompt. The frozen
     encoders' outputs are what the feature cache stores (encode); everything after them trains."""
+    group_overhead = GROUP_OVERHEAD  # response_nll's length groups; training.py sets it per run
 
     def __init__(self, cfg: AVConfig):
         super().__init__()
@@ -572,7 +573,7 @@ class VideoSALMONN2(nn.Module):
         (embeds (1, L, D), prefix length P, response ids), right-padded into a forward per group of similar
         lengths (length_groups). The LM head runs on the response positions only, never over the video tokens."""
         nll, count = 0.0, 0
-        for group in length_groups([e.size(1) for e, _, _ in seqs]):
+        for group in length_groups([e.size(1) for e, _, _ in seqs], self.group_overhead):
             part = [seqs[i] for i in group]
             L = max(e.size(1) for e, _, _ in part)
             x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _ in part])  # (b, L, D): causal, so right padding is inert

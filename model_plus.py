@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import Qwen25Vision, Qwen25VisionConfig, WhisperConfig
-from model import Qwen2, Qwen2Config, VideoSALMONN2, av_placeholder_ids, length_groups, mrope_position_ids
+from model import GROUP_OVERHEAD, Qwen2, Qwen2Config, VideoSALMONN2, av_placeholder_ids, length_groups, mrope_position_ids
 from qformer import QFormerConfig, WhisperQFormer
 
 TOKEN_FIELDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id", "audio_token_id")
@@ -69,6 +69,7 @@ class PlusConfig:
 class VideoSALMONN2Plus(nn.Module):
     """Frames -> Qwen2.5-VL ViT (frozen) -> merger; audio -> Whisper (frozen) -> Q-Former -> audio_proj; both
     scattered into their placeholder tokens of the prompt; the Qwen2 LLM with M-RoPE on top."""
+    group_overhead = GROUP_OVERHEAD  # response_nll's length groups; training.py sets it per run
 
     def __init__(self, cfg: PlusConfig):
         super().__init__()
@@ -220,7 +221,7 @@ class VideoSALMONN2Plus(nn.Module):
         """Summed NLL of the responses and their token count, for (embeds (1, L, D), positions (3, 1, L), P,
         response ids) right-padded (causal, so the padding is inert) into a forward per group of similar lengths."""
         nll, count = 0.0, 0
-        for group in length_groups([e.size(1) for e, _, _, _ in seqs]):
+        for group in length_groups([e.size(1) for e, _, _, _ in seqs], self.group_overhead):
             part = [seqs[i] for i in group]
             L = max(e.size(1) for e, _, _, _ in part)
             x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _, _ in part])  # (b, L, D)

@@ -28,7 +28,7 @@ import lora
 from checkpoint import CheckpointError, load_model, read_config
 from config import UserError
 from data import SILENCE, Features, load_tokenizer, read_manifest, soundtrack_words
-from model import AVConfig, VideoSALMONN2
+from model import GROUP_OVERHEAD, AVConfig, VideoSALMONN2
 from model_plus import PlusConfig, VideoSALMONN2Plus, plus_tokens
 
 # -----------------------------------------------------------------------------
@@ -67,6 +67,7 @@ weight_decay = 0.0  # AdamW weight decay
 grad_clip = 1.0  # max global gradient norm (0: off)
 max_bad_steps = 10  # consecutive non-finite losses before the run stops
 activation_checkpointing = False  # recompute each LLM block in backward to save memory
+group_overhead = GROUP_OVERHEAD  # padded positions worth one more forward in a step (model.length_groups; 0: a forward per length)
 anchor = 0.0  # weight of the aligner's anchor to the LLM's embeddings on ASR items (model.anchor_loss); not in the paper
 anchor_commit = 0.1  # weight of the anchor's commitment term
 anchor_tau = 0.01  # temperature of the anchor's squared distances
@@ -154,8 +155,10 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
         model = VideoSALMONN2Plus.from_lora(c["init_from"], c["lora_base"])
     else:
         model = load_model(c["init_from"])
-    for switch in ("time_aligned", "snap_audio"):  # v1's switches (the 2+ model has neither), saved with its config
-        if c.get(switch) is not None and hasattr(model.cfg, switch):
+    for switch in ("time_aligned", "snap_audio"):  # v1's switches, saved with its config
+        if c.get(switch) is not None:
+            if not hasattr(model.cfg, switch):
+                raise UserError(f"{switch}: the video-SALMONN 2+ model has no such switch (leave it unset)")
             setattr(model.cfg, switch, c[switch])
     if c["lora_r"]:
         dropout = c["lora_dropout"] if lora_dropout is None else lora_dropout
@@ -165,6 +168,7 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
         p.requires_grad_(id(p) not in frozen and any(t in name for t in c["trainable"]))
         p.data = p.data.to(torch.float32 if p.requires_grad else dt)  # AdamW wants fp32 weights to update
     model.llm.activation_checkpointing = c["activation_checkpointing"]
+    model.group_overhead = c["group_overhead"]
     return model.to(dev), tok
 
 

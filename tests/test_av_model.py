@@ -291,7 +291,7 @@ def test_response_nll_equals_full_forward_cross_entropy(grouped, monkeypatch):
     """Batched, right-padded, head on response rows only == per-sequence full-logits cross-entropy, in one
     forward or in one per length group."""
     if grouped:
-        monkeypatch.setattr(model, "length_groups", lambda lengths: [[2], [0, 1]])
+        monkeypatch.setattr(model, "length_groups", lambda lengths, overhead: [[2], [0, 1]])
     m = tiny_model()
     torch.manual_seed(2)
     items = [((torch.randn(2, 16, 32), torch.randn(1, 100, 32), [0.0, 1.0], 2.0), [1, 2, 3, 4, 5, 6]),

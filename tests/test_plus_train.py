@@ -7,12 +7,13 @@ import runpy
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import lora
 from checkpoint import load_model
-from config import configure
+from config import UserError, configure
 from model_plus import VideoSALMONN2Plus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +42,9 @@ def test_toy_plus_stages(tmp_path, monkeypatch):
                  f"--train_data={d / 'base_train.jsonl'},{d / 'text_train.jsonl'}", f"--out_dir={o / 'base'}")
     align = stage("train_align.py", "config/toy_plus_align.py", *common, f"--init_from={base}",
                   f"--train_data={d / 'align_train.jsonl'}", f"--out_dir={o / 'align'}")
+    with pytest.raises(UserError, match="snap_audio: the video-SALMONN 2\\+ model has no such switch"):
+        stage("train_sft.py", "config/toy_plus_sft.py", *common, f"--init_from={align}", "--snap_audio=True",
+              f"--train_data={d / 'train.jsonl'}", f"--out_dir={o / 'snap'}")
     sft = stage("train_sft.py", "config/toy_plus_sft.py", *common, f"--init_from={align}",
                 f"--train_data={d / 'train.jsonl'}", f"--out_dir={o / 'sft'}")
     for path in (base, align, sft):

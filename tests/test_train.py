@@ -79,10 +79,11 @@ def assert_same(a, b, atol):
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol), (k, (a[k].float() - b[k].float()).abs().max())
 
 
-def test_two_process_fsdp_equals_one_process(world, tmp_path):
+@pytest.mark.parametrize("group_overhead", [160, 0])  # 0: each length its own forward, FSDP gathering for each
+def test_two_process_fsdp_equals_one_process(world, tmp_path, group_overhead):
     arch = {**ARCH, "qformer": {**ARCH["qformer"], "dropout": 0.0}}  # each rank draws its own dropout masks
-    one = write_config(tmp_path / "one.py", world, tmp_path / "one", batch_size=4, arch=arch)
-    two = write_config(tmp_path / "two.py", world, tmp_path / "two", batch_size=2, arch=arch)
+    one = write_config(tmp_path / "one.py", world, tmp_path / "one", batch_size=4, arch=arch, group_overhead=group_overhead)
+    two = write_config(tmp_path / "two.py", world, tmp_path / "two", batch_size=2, arch=arch, group_overhead=group_overhead)
     run(["train_sft.py", one])
     run(["train_sft.py", two], nproc=2)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
