@@ -168,7 +168,7 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
         p.requires_grad_(id(p) not in frozen and any(t in name for t in c["trainable"]))
         p.data = p.data.to(torch.float32 if p.requires_grad else dt)  # AdamW wants fp32 weights to update
     model.llm.activation_checkpointing = c["activation_checkpointing"]
-    model.group_overhead = c["group_overhead"]
+    model.group_overhead = c.get("group_overhead", GROUP_OVERHEAD)  # train_mrdpo.py has no such setting
     return model.to(dev), tok
 
 
