@@ -67,7 +67,7 @@ weight_decay = 0.0  # AdamW weight decay
 grad_clip = 1.0  # max global gradient norm (0: off)
 max_bad_steps = 10  # consecutive non-finite losses before the run stops
 activation_checkpointing = False  # recompute each LLM block in backward to save memory
-group_overhead = GROUP_OVERHEAD  # padded positions worth one more forward in a step (model.length_groups; 0: a forward per length)
+group_overhead = GROUP_OVERHEAD  # padded positions worth one more forward in a step (model.length_groups; 0: a forward per length); one process only
 anchor = 0.0  # weight of the aligner's anchor to the LLM's embeddings on ASR items (model.anchor_loss); not in the paper
 anchor_commit = 0.1  # weight of the anchor's commitment term
 anchor_tau = 0.01  # temperature of the anchor's squared distances
@@ -177,6 +177,9 @@ def shard(model, world, dev):
     rank encodes its own cache misses, which sharded encoders would turn into mismatched collectives."""
     if world == 1:
         return model
+    # one LLM forward a step on every rank: ranks cutting their batches into different numbers of length groups
+    # would call the blocks' all-gathers different numbers of times and hang
+    model.group_overhead = math.inf
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dev.type == "cuda" else MixedPrecisionPolicy()
     for block in model.llm.layers:
         fully_shard(block, mp_policy=mp)

@@ -79,7 +79,7 @@ def assert_same(a, b, atol):
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol), (k, (a[k].float() - b[k].float()).abs().max())
 
 
-@pytest.mark.parametrize("group_overhead", [160, 0])  # 0: each length its own forward, FSDP gathering for each
+@pytest.mark.parametrize("group_overhead", [160, 0])  # 0: a forward per length in one process; FSDP ranks take one
 def test_two_process_fsdp_equals_one_process(world, tmp_path, group_overhead):
     arch = {**ARCH, "qformer": {**ARCH["qformer"], "dropout": 0.0}}  # each rank draws its own dropout masks
     one = write_config(tmp_path / "one.py", world, tmp_path / "one", batch_size=4, arch=arch, group_overhead=group_overhead)
