@@ -365,6 +365,16 @@ def length_groups(lengths, overhead=GROUP_OVERHEAD):
     return groups[::-1]
 
 
+def grouped_nll(padded_nll, seqs, overhead):
+    """padded_nll (one right-padded forward of some sequences -> (summed NLL, token count)) over each length group
+    of seqs (each an embeds (1, L, D) first), summed."""
+    nll, count = 0.0, 0
+    for group in length_groups([s[0].size(1) for s in seqs], overhead):
+        part_nll, part_count = padded_nll([seqs[i] for i in group])
+        nll, count = nll + part_nll, count + part_count
+    return nll, count
+
+
 # -----------------------------------------------------------------------------
 # video-SALMONN 2: the audio-visual model
 
@@ -570,19 +580,18 @@ class VideoSALMONN2(nn.Module):
 
     def response_nll(self, seqs):
         """Summed negative log-likelihood of the responses, and their token count, for a list of
-        (embeds (1, L, D), prefix length P, response ids), right-padded into a forward per group of similar
-        lengths (length_groups). The LM head runs on the response positions only, never over the video tokens."""
-        nll, count = 0.0, 0
-        for group in length_groups([e.size(1) for e, _, _ in seqs], self.group_overhead):
-            part = [seqs[i] for i in group]
-            L = max(e.size(1) for e, _, _ in part)
-            x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _ in part])  # (b, L, D): causal, so right padding is inert
-            h, _ = self.llm.hidden(x)
-            rows = torch.cat([h[i, P - 1:P - 1 + len(r)] for i, (_, P, r) in enumerate(part)])  # (sum R, D)
-            targets = torch.tensor([t for _, _, r in part for t in r], device=x.device)
-            nll = nll + F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum")
-            count += targets.numel()
-        return nll, count
+        (embeds (1, L, D), prefix length P, response ids): a forward per group of similar lengths (length_groups)."""
+        return grouped_nll(self.padded_nll, seqs, self.group_overhead)
+
+    def padded_nll(self, seqs):
+        """response_nll of sequences right-padded into one forward. The LM head runs on the response positions
+        only, never over the thousands of video tokens."""
+        L = max(e.size(1) for e, _, _ in seqs)
+        x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _ in seqs])  # (B, L, D): causal, so right padding is inert
+        h, _ = self.llm.hidden(x)
+        rows = torch.cat([h[i, P - 1:P - 1 + len(r)] for i, (_, P, r) in enumerate(seqs)])  # (sum R, D)
+        targets = torch.tensor([t for _, _, r in seqs for t in r], device=x.device)
+        return F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum"), targets.numel()
 
     def continuation_logps(self, feats, prompt_ids, continuations):
         """Summed log-probability of each continuation (a list of N token lists) after one video's prompt,

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import Qwen25Vision, Qwen25VisionConfig, WhisperConfig
-from model import GROUP_OVERHEAD, Qwen2, Qwen2Config, VideoSALMONN2, av_placeholder_ids, length_groups, mrope_position_ids
+from model import GROUP_OVERHEAD, Qwen2, Qwen2Config, VideoSALMONN2, av_placeholder_ids, grouped_nll, mrope_position_ids
 from qformer import QFormerConfig, WhisperQFormer
 
 TOKEN_FIELDS = ("vision_start_token_id", "vision_end_token_id", "video_token_id", "audio_token_id")
@@ -219,19 +219,18 @@ class VideoSALMONN2Plus(nn.Module):
 
     def response_nll(self, seqs):
         """Summed NLL of the responses and their token count, for (embeds (1, L, D), positions (3, 1, L), P,
-        response ids) right-padded (causal, so the padding is inert) into a forward per group of similar lengths."""
-        nll, count = 0.0, 0
-        for group in length_groups([e.size(1) for e, _, _, _ in seqs], self.group_overhead):
-            part = [seqs[i] for i in group]
-            L = max(e.size(1) for e, _, _, _ in part)
-            x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _, _ in part])  # (b, L, D)
-            pos = torch.cat([F.pad(p, (0, L - p.size(-1))) for _, p, _, _ in part], dim=1)  # (3, b, L)
-            h, _ = self.hidden(x, pos)
-            rows = torch.cat([h[i, P - 1:P - 1 + len(r)] for i, (_, _, P, r) in enumerate(part)])  # (sum R, D)
-            targets = torch.tensor([t for *_, r in part for t in r], device=x.device)
-            nll = nll + F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum")
-            count += targets.numel()
-        return nll, count
+        response ids): a forward per group of similar lengths (model.length_groups)."""
+        return grouped_nll(self.padded_nll, seqs, self.group_overhead)
+
+    def padded_nll(self, seqs):
+        """response_nll of sequences right-padded into one forward (causal, so the padding is inert)."""
+        L = max(e.size(1) for e, _, _, _ in seqs)
+        x = torch.cat([F.pad(e, (0, 0, 0, L - e.size(1))) for e, _, _, _ in seqs])  # (B, L, D)
+        pos = torch.cat([F.pad(p, (0, L - p.size(-1))) for _, p, _, _ in seqs], dim=1)  # (3, B, L)
+        h, _ = self.hidden(x, pos)
+        rows = torch.cat([h[i, P - 1:P - 1 + len(r)] for i, (_, _, P, r) in enumerate(seqs)])  # (sum R, D)
+        targets = torch.tensor([t for *_, r in seqs for t in r], device=x.device)
+        return F.cross_entropy(self.llm.head(rows).float(), targets, reduction="sum"), targets.numel()
 
     def continuation_logps(self, feats, prompt_ids, continuations):
         """Summed log-probability of each continuation (N token lists) after one item's prompt, and their

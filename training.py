@@ -168,7 +168,6 @@ def build_model(c, dev, dtype=None, lora_dropout=None):
         p.requires_grad_(id(p) not in frozen and any(t in name for t in c["trainable"]))
         p.data = p.data.to(torch.float32 if p.requires_grad else dt)  # AdamW wants fp32 weights to update
     model.llm.activation_checkpointing = c["activation_checkpointing"]
-    model.group_overhead = c.get("group_overhead", GROUP_OVERHEAD)  # train_mrdpo.py has no such setting
     return model.to(dev), tok
 
 
@@ -416,6 +415,7 @@ def train(c, stage):
     os.makedirs(c["out_dir"], exist_ok=True)
     torch.manual_seed(c["seed"])  # the same initial weights on every rank
     model, tok = build_model(c, dev)
+    model.group_overhead = c["group_overhead"]  # shard keeps one forward a step under FSDP2
     blank = tok.token_to_id(SILENCE)
     for name in ("anchor", "written_audio"):
         if c[name] and not isinstance(model, VideoSALMONN2):
