@@ -534,6 +534,21 @@ class VideoSALMONN2(nn.Module):
             return self.audio.add_segments(self.llm.embed_tokens(aud))
         return self.snap(self.audio(aud))
 
+    @torch.no_grad()
+    def start_aligner_on(self, token_id, whisper_feats):
+        """Toy (anchor): shift the aligner's last bias so that its mean token over whisper_feats (a list of (S, T, Ca)
+        Whisper features), the segment embedding left out, is the embedding of token_id, the anchor's blank: CTC's
+        usual start, every window silent, the words then rising out of it one by one. A fresh Q-Former's tokens are
+        one vector whatever it hears; left where that lands, between every word and far from the blank, 600 steps
+        did not leave it on one toy world (dev/LOG.md, session 9)."""
+        T, was_training = self.cfg.qformer.tokens_per_segment, self.audio.training
+        self.audio.eval()  # no dropout: the mean of the network as it will be read
+        bare = torch.cat([self.audio.add_segments(rearrange(self.audio(f), "(s t) d -> s t d", t=T), -1)
+                          for f in whisper_feats])  # (N, D)
+        self.audio.train(was_training)
+        last = self.audio.final_linear[-1] if self.cfg.qformer.final_linear else self.audio.speech_llama_proj
+        last.bias += (self.llm.embed_tokens.weight[token_id].float() - bare.float().mean(0)).to(last.bias.dtype)
+
     def snap(self, x):
         """Toy (snap_audio): aligner tokens (S * T, D) -> the embedding of each one's nearest token, the segment
         embedding kept; the gradient passes straight through to the aligner, as VQ-VAE's (van den Oord et al., 2017).

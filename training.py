@@ -357,6 +357,9 @@ def save_final(model, tok, path, c, seconds, rank, world, prompt=None):
     return path
 
 
+START_ITEMS = 64  # anchored items whose mean aligner token is put on the blank before alignment
+
+
 # -----------------------------------------------------------------------------
 # the supervised loop (alignment and SFT)
 
@@ -444,6 +447,9 @@ def train(c, stage):
     if not data.items:
         raise UserError(f"{c['train_data']}: no item to train on ({data.skipped} skipped, named above)")
     transcripts = [transcript_ids(tok, it, blank, c["anchor_sounds"]) for it in data.items] if c["anchor"] else None
+    if c["anchor"] and not meta:  # the aligner starts on the blank (model.start_aligner_on), from a fixed sample of the items
+        anchored = [i for i, t in enumerate(transcripts) if t][:START_ITEMS]
+        model.start_aligner_on(blank, [data.example(i, dev)[0][1] for i in anchored])
     model = shard(model, world, dev)
     stepper = Stepper(model, c["lr"], c["weight_decay"], c["grad_clip"], c["max_bad_steps"], world, dev)
     step, cursor = 0, 0

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from model import AVConfig, VideoSALMONN2, anchor_loss
@@ -74,6 +75,23 @@ def test_forward_with_transcripts_anchors_only_the_items_that_have_one():
     assert ctc.item() == commit.item() == tokens == k == 0 and ctc.requires_grad
 
 
+@pytest.mark.parametrize("final_linear", [True, False])
+def test_the_aligner_starts_on_the_blank_by_a_shift_of_its_tokens(final_linear):
+    m = VideoSALMONN2(AVConfig.from_dict(dict(ARCH, llm=dict(ARCH["llm"], vocab_size=50),
+                                              qformer=dict(ARCH["qformer"], final_linear=final_linear)))).eval()
+    aud = [torch.randn(1, 100, 16), torch.randn(2, 100, 16)]
+    seg = [torch.zeros(10, 32), segment_positions(2, 32).repeat_interleave(10, 0)]  # each item's segment rows
+    with torch.no_grad():
+        before = torch.cat([m.audio(a) - s for a, s in zip(aud, seg)])  # (30, D) without the segment embedding
+        m.train()  # dropout on: the shift must still be taken without it
+        m.start_aligner_on(4, aud)
+        assert m.audio.training  # left as the caller had it
+        m.eval()
+        after = torch.cat([m.audio(a) - s for a, s in zip(aud, seg)])
+    assert torch.allclose(after.mean(0), m.llm.embed_tokens.weight[4], atol=1e-5)
+    assert torch.allclose(after - after.mean(0), before - before.mean(0), atol=1e-5)  # a shift: what it hears is kept
+
+
 def test_align_stage_with_the_anchor_trains_the_aligner_alone(world, tmp_path):  # noqa: F811
     base = write_config(tmp_path / "base.py", world, tmp_path / "base", steps=1, use_audio=False)
     run(["train_sft.py", base])
@@ -89,7 +107,7 @@ def test_align_stage_with_the_anchor_trains_the_aligner_alone(world, tmp_path): 
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("speech_", "ln_speech.", "final_linear.")) for k in changed)
     first = [json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[0])["loss"] for d in ("align", "plain")]
-    assert math.isfinite(first[0]) and first[0] > first[1] + 0.1  # the same NLL at step 1, plus the anchor's terms
+    assert math.isfinite(first[0]) and first[0] > first[1] + 0.1  # the anchor's terms on top of an NLL
     if_no_audio = write_config(tmp_path / "bad.py", world, tmp_path / "bad", init_from=str(tmp_path / "base" / "final"),
                                tokenizer="", train_data=str(world / "align.jsonl"), tasks=("asr",), anchor=1.0,
                                use_audio=False)
