@@ -534,6 +534,11 @@ class VideoSALMONN2(nn.Module):
             return self.audio.add_segments(self.llm.embed_tokens(aud))
         return self.snap(self.audio(aud))
 
+    def unsegmented(self, x):
+        """Aligner tokens (S * T, D) with their segment embedding taken off: what the toy's anchor, snap and start
+        compare to the LLM's word embeddings, so that a token of any segment can reach its word."""
+        return self.audio.add_segments(rearrange(x, "(s t) d -> s t d", t=self.cfg.qformer.tokens_per_segment), -1)
+
     @torch.no_grad()
     def start_aligner_on(self, token_id, whisper_feats):
         """Toy (anchor): shift the aligner's last bias so that its mean token over whisper_feats (a list of (S, T, Ca)
@@ -541,10 +546,9 @@ class VideoSALMONN2(nn.Module):
         usual start, every window silent, the words then rising out of it one by one. A fresh Q-Former's tokens are
         one vector whatever it hears; left where that lands, between every word and far from the blank, 600 steps
         did not leave it on one toy world (dev/LOG.md, session 9)."""
-        T, was_training = self.cfg.qformer.tokens_per_segment, self.audio.training
+        was_training = self.audio.training
         self.audio.eval()  # no dropout: the mean of the network as it will be read
-        bare = torch.cat([self.audio.add_segments(rearrange(self.audio(f), "(s t) d -> s t d", t=T), -1)
-                          for f in whisper_feats])  # (N, D)
+        bare = torch.cat([self.unsegmented(self.audio(f)) for f in whisper_feats])  # (N, D)
         self.audio.train(was_training)
         last = self.audio.final_linear[-1] if self.cfg.qformer.final_linear else self.audio.speech_llama_proj
         last.bias += (self.llm.embed_tokens.weight[token_id].float() - bare.float().mean(0)).to(last.bias.dtype)
@@ -559,7 +563,7 @@ class VideoSALMONN2(nn.Module):
         if not self.cfg.snap_audio:
             return x
         T = self.cfg.qformer.tokens_per_segment
-        bare = self.audio.add_segments(rearrange(x, "(s t) d -> s t d", t=T), -1)  # (S * T, D)
+        bare = self.unsegmented(x)  # (S * T, D)
         emb = self.llm.embed_tokens.weight.detach()
         words = emb[torch.cdist(bare.float(), emb.float()).argmin(-1)].to(x.dtype)  # (S * T, D)
         q = self.audio.add_segments(rearrange(words, "(s t) d -> s t d", t=T))
@@ -589,8 +593,7 @@ class VideoSALMONN2(nn.Module):
         if not pairs:
             return nll, (nll[0] * 0, nll[0] * 0, 0), 0
         # anchored without the segment embedding, so a token of any segment can reach its word
-        T = self.cfg.qformer.tokens_per_segment
-        bare = [self.audio.add_segments(rearrange(x, "(s t) d -> s t d", t=T), -1) for x, _ in pairs]
+        bare = [self.unsegmented(x) for x, _ in pairs]
         return nll, anchor_loss(bare, [t for _, t in pairs], self.llm.embed_tokens.weight, blank, tau), len(pairs)
 
     def response_nll(self, seqs):
