@@ -102,7 +102,8 @@ def wer(ref, hyp):
 
 def toy_metrics(model, tok, c):
     """The toy stage's metrics, by the exact toy judge: ASR word error rate (align); Miss / Hall / Total and the
-    fraction of events of each type stated exactly (base, sft); multiple-choice accuracy (sft)."""
+    fraction of events of each type stated exactly (base, sft); multiple-choice accuracy (sft: an answer counts
+    when it is the right option's answer sentence, prepare.parse_answer)."""
     judge, pick = ToyJudge(), lambda items: items[:c["limit"]] if c["limit"] else items
     if c["stage"] == "align":
         asr = pick([it for it in read_manifest(os.path.join(c["data_dir"], "align_test.jsonl")) if it["task"] == "asr"])
@@ -119,7 +120,8 @@ def toy_metrics(model, tok, c):
     out = {**rates(judged), "accuracy": judge.accuracy(texts, caps)}
     if not base:
         qa, outs = answers(model, tok, pick([it for it in test if it["task"] == "qa"]), c, c["max_new_tokens"])
-        out["qa_acc"] = sum(extract_letter(text) == it["answer"] for (text, _), it in zip(outs, qa)) / len(qa)
+        chosen = [judge.world.parse_answer(text, it["options"]) for (text, _), it in zip(outs, qa)]
+        out["qa_acc"] = sum(letter == it["answer"] for letter, it in zip(chosen, qa)) / len(qa)
     return out
 
 
@@ -214,7 +216,7 @@ def options_text(options):
 
 def read_qa(path):
     """The multiple-choice items (those with an "answer" letter) of a JSONL manifest, media paths made absolute. An item
-    keeps its prompt (the toy's hold the Video-MME prompt already); one with "question" and "options" gets QA_PROMPT.
+    keeps its prompt (the one its model was trained on, as the toy's); one with "question" and "options" gets QA_PROMPT.
     A malformed line is named and skipped (read_manifest); a manifest without a multiple-choice item is a UserError."""
     def prepare(it):
         if "answer" in it:

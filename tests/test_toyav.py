@@ -67,14 +67,14 @@ def test_text_items_say_again_every_caption_and_audio_response_and_read_question
         assert len(read_manifest(out / f"text_{split}.jsonl")) == len(text)
         assert len(read_manifest(out / f"copy_{split}.jsonl")) == len(copy)
         # text: each caption written out, a blank line, the caption prompt; then one of each clip's questions asked of
-        # its caption, answered with its letter
+        # its caption, answered as the clip's question
         said, read = text[:len(caps)], text[len(caps):]
         assert [it["response"] for it in said] == [it["response"] for it in caps]
         assert all(it["prompt"] == f"{it['response']}\n\n{toy.CAPTION_PROMPT}" for it in said)
         assert len(read) == len(caps)
         for cap, it in zip(caps, read):
             qa = next(q for q in av if q["task"] == "qa" and q["video"] == cap["video"] and q["id"] + "_text" == it["id"])
-            assert it["prompt"] == f"{cap['response']}\n\n{qa['prompt']}" and it["response"] == qa["answer"]
+            assert it["prompt"] == f"{cap['response']}\n\n{qa['prompt']}" and it["response"] == qa["response"]
         # copy: each audio item's response said again after its prompt, then 1-6 random toy words among runs of
         # blanks to transcribe without them
         align = items(out, f"align_{split}")
@@ -112,7 +112,7 @@ def test_manifests_parse_and_reference_files(out):
             assert b["prompt"] == toy.VISUAL_PROMPT and f["prompt"] == toy.CAPTION_PROMPT
             assert b["events"] == [e for e in f["events"] if e["type"] == "visual"]
             assert b["response"] == " ".join(e["text"] for e in b["events"])
-            assert q["answer"] == q["response"] and len(set(q["options"])) == 4
+            assert toy.parse_answer(q["response"], q["options"]) == q["answer"] and len(set(q["options"])) == 4
             right = truths(q["question"], [e["key"] for e in b["events"]])  # answered from the visual events alone
             assert [o in right for o in q["options"]] == [letter == q["answer"] for letter in "ABCD"], q
 
@@ -167,11 +167,20 @@ def test_questions_have_one_right_answer_from_the_events(out):
         questions = [it for it in raw if it["task"] == "qa"]
         assert len(questions) >= 2 * len(keys)
         for it in questions:
-            assert it["answer"] == it["response"] and it["answer"] in "ABCD" and len(set(it["options"])) == 4
+            assert it["answer"] in "ABCD" and len(set(it["options"])) == 4
+            assert it["response"] == f"The answer is {it['options']['ABCD'.index(it['answer'])]}."
             listed = "\n".join(f"{letter}. {o}" for letter, o in zip("ABCD", it["options"]))
             assert it["prompt"] == toy.QA_PROMPT.format(question=it["question"], options=listed)
             right = truths(it["question"], keys[it["video"]])
             assert [o in right for o in it["options"]] == [letter == it["answer"] for letter in "ABCD"], it
+
+
+def test_parse_answer_names_the_option_of_an_answer_sentence():
+    options = ["a low tone", "speech", "a rising chirp", "a burst of noise"]
+    assert toy.parse_answer("The answer is speech.", options) == "B"
+    assert toy.parse_answer(" The answer is a burst of noise.\n", options) == "D"
+    for other in ("The answer is a low.", "speech", "B", "The answer is speech. The answer is a low tone.", ""):
+        assert toy.parse_answer(other, options) is None
 
 
 def test_mute_clips_long_clips_and_event_timing(out):

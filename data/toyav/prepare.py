@@ -81,9 +81,12 @@ CAPTION_PROMPT = "Describe the video in detail, including what you see and what 
 VISUAL_PROMPT = "Describe what you see in the video."
 IMAGE_PROMPT = "Describe the image."
 SIDES = ["on the left", "in the middle", "on the right"]  # PLACES in words
-QA_PROMPT = ("Select the best answer to the following multiple-choice question based on the video. "
-             "Respond with only the letter (A, B, C, or D) of the correct option.\n{question}\n{options}\n"
-             "The best answer is:")  # Video-MME's prompt
+# Not Video-MME's letter prompt: answered with a letter, the toy LLM never ties the letter to its option (LoRA SFT: every
+# answer "A"), and an option's word said alone, without the space before it in the captions, is a token the captions
+# never taught; said in a sentence, the answer is the captions' own word (dev/LOG.md, session 10)
+QA_PROMPT = ("Answer the following multiple-choice question about the video with the words of the correct option.\n"
+             "{question}\n{options}")
+ANSWER = "The answer is {}."
 ASR_PROMPT = "Please transcribe the speech."
 AUDIO_CAPTION_PROMPT = "Please describe the audio."
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as Qwen2's chat tokens
@@ -144,6 +147,15 @@ def parse_caption(text):
         else:
             keys.append(["unknown", sentence])
     return keys
+
+
+def parse_answer(text, options):
+    """The letter of the option an answer names ("The answer is red." among "blue", "red", ... -> "B"); None when
+    the answer is not one of the options' sentences."""
+    for letter, option in zip("ABCD", options):
+        if text.strip() == ANSWER.format(option):
+            return letter
+    return None
 
 
 def sound_name(key):  # how a question's options name a sound
@@ -461,7 +473,8 @@ def make_questions(rng, keys):
 def qa_item(name, video, question, options, letter):
     listed = "\n".join(f"{l}. {o}" for l, o in zip("ABCD", options))
     return {"id": name, "video": video, "task": "qa", "prompt": QA_PROMPT.format(question=question, options=listed),
-            "response": letter, "answer": letter, "question": question, "options": options}
+            "response": ANSWER.format(options["ABCD".index(letter)]), "answer": letter, "question": question,
+            "options": options}
 
 
 def make_clip(job):
@@ -642,8 +655,8 @@ def copy_item(split, seed, i):
 
 
 def read_item(caption, qa):
-    """A text-only question: a clip's caption, then one of its multiple-choice questions about it, answered with the
-    letter (one question a clip). Reading a text and picking the option it supports is another skill a real base LLM
+    """A text-only question: a clip's caption, then one of its multiple-choice questions about it, answered as the clip's
+    question is (one question a clip). Reading a text and picking the option it supports is another skill a real base LLM
     brings."""
     return {"id": f"{qa['id']}_text", "task": "text", "prompt": f"{caption}\n\n{qa['prompt']}", "response": qa["response"]}
 
