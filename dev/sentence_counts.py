@@ -21,7 +21,7 @@ def main():
     judge = ToyJudge()
     items = [it for it in read_manifest(os.path.join(ROOT, "data", "toyav", "test.jsonl")) if it["task"] == "caption"]
     for ckpt in sys.argv[1:]:
-        c = {k: getattr(E, k) for k in ("fps", "max_frames", "batch", "dtype", "device", "tokenizer")}
+        c = {k: getattr(E, k) for k in ("fps", "max_frames", "batch", "dtype", "device", "tokenizer", "written_audio")}
         c.update(ckpt=ckpt, cache_dir=os.path.join(ROOT, E.cache_dir), task="", stage="counts")
         model, tok = E.load_model(c)
         kept, outs = E.answers(model, tok, items, c, E.max_new_tokens)
