@@ -33,12 +33,11 @@ def main():
                 continue
             events = items[r["i"]]["events"]
             w, l = judge.judge(won["text"], events), judge.judge(lost["text"], events)
-            wrong = lambda j: j["incorrect"] + j["hallucinated"]
-            sentences = lambda s: len(judge.world.parse_caption(s["text"]))
-            n.update({"pairs": 1, "fewer wrong": wrong(w) < wrong(l), "more wrong": wrong(w) > wrong(l),
+            wrong_w, wrong_l = w["incorrect"] + w["hallucinated"], l["incorrect"] + l["hallucinated"]
+            len_w, len_l = (len(judge.world.parse_caption(x["text"])) for x in (won, lost))  # sentences
+            n.update({"pairs": 1, "fewer wrong": wrong_w < wrong_l, "more wrong": wrong_w > wrong_l,
                       "fewer missed": w["missed"] < l["missed"], "more missed": w["missed"] > l["missed"],
-                      "shorter": sentences(won) < sentences(lost), "longer": sentences(won) > sentences(lost),
-                      "as long": sentences(won) == sentences(lost)})
+                      "shorter": len_w < len_l, "longer": len_w > len_l, "as long": len_w == len_l})
         total.update(n)
         print(f"round {t}: " + ", ".join(f"{k} {v}" for k, v in n.items()))
     print("all rounds, the chosen caption against the rejected: " + ", ".join(f"{k} {v}" for k, v in total.items()))

@@ -11,9 +11,9 @@ from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import eval as E  # noqa: E402
 from data import read_manifest  # noqa: E402
 from judge import ToyJudge  # noqa: E402
+from toy_answers import greedy_answers  # noqa: E402
 
 
 def kind(question):  # the question's template: its words up to the shape, colour or sound it names
@@ -24,12 +24,9 @@ def main():
     world = ToyJudge().world
     items = [it for it in read_manifest(os.path.join(ROOT, "data", "toyav", "test.jsonl")) if it["task"] == "qa"]
     for ckpt in sys.argv[1:]:
-        c = {k: getattr(E, k) for k in ("fps", "max_frames", "batch", "dtype", "device", "tokenizer", "written_audio")}
-        c.update(ckpt=ckpt, cache_dir=os.path.join(ROOT, E.cache_dir), task="", stage="qa")
-        model, tok = E.load_model(c)
-        kept, outs = E.answers(model, tok, items, c, E.max_new_tokens)
+        kept, texts = greedy_answers(ckpt, items)
         asked, right = Counter(), Counter()
-        for it, (text, _) in zip(kept, outs):
+        for it, text in zip(kept, texts):
             asked[kind(it["question"])] += 1
             right[kind(it["question"])] += world.parse_answer(text, it["options"]) == it["answer"]
         print(f"{ckpt}: {sum(right.values())} of {sum(asked.values())} right; "

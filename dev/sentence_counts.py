@@ -10,9 +10,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import eval as E  # noqa: E402
 from data import read_manifest  # noqa: E402
 from judge import ToyJudge  # noqa: E402
+from toy_answers import greedy_answers  # noqa: E402
 
 TYPES = ("visual", "sound", "speech", "unknown")  # unknown: a sentence no template makes
 
@@ -21,11 +21,8 @@ def main():
     judge = ToyJudge()
     items = [it for it in read_manifest(os.path.join(ROOT, "data", "toyav", "test.jsonl")) if it["task"] == "caption"]
     for ckpt in sys.argv[1:]:
-        c = {k: getattr(E, k) for k in ("fps", "max_frames", "batch", "dtype", "device", "tokenizer", "written_audio")}
-        c.update(ckpt=ckpt, cache_dir=os.path.join(ROOT, E.cache_dir), task="", stage="counts")
-        model, tok = E.load_model(c)
-        kept, outs = E.answers(model, tok, items, c, E.max_new_tokens)
-        said, right, events = judge.sentence_counts([text for text, _ in outs], kept)
+        kept, texts = greedy_answers(ckpt, items)
+        said, right, events = judge.sentence_counts(texts, kept)
         print(ckpt + ": " + ", ".join(f"{t} {said[t]} said, {right[t]} right, of {events[t]}" for t in TYPES))
 
 
