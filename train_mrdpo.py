@@ -2,9 +2,9 @@
 Multi-round DPO (paper 3.3, 5.2; Appendices C, D). Each round t = 1..R:
   1. the previous round's LoRA is merged into the backbone (Eq. 8) and a fresh LoRA proxy is added;
      the round-start model is the reference (the same network with the proxy disabled);
-  2. two captions per training video are sampled (nucleus), with their reference log-probs;
-  3. both are judged against the video's atomic events (Miss + Hall = total error; repetition rate);
-  4. a pair is kept when the better caption wins by the round's margins (Table 6);
+  2. captions are sampled for each training video (nucleus; two, as released), with their reference log-probs;
+  3. each is judged against the video's atomic events (Miss + Hall = total error; repetition rate);
+  4. the best and the worst caption are a pair, kept when the better wins by the round's margins (Table 6);
   5. the proxy trains on the gDPO loss (Eq. 9): DPO on the pairs plus lambda x cross-entropy on the
      ground-truth caption; the last round also mixes in QA SFT items.
 Every phase writes as it goes (samples with their judgments and reference log-probs, training
@@ -48,7 +48,7 @@ beta = 0.1  # DPO temperature, as released
 ce_weight = 0.1  # lambda of Eq. 9 (0: plain DPO, the Fig. 3a ablation)
 proxy = True  # merge and re-initialise the LoRA each round (False: keep training one LoRA, Fig. 3b "Direct")
 qa_mix = 0.25  # fraction of QA SFT steps in the last round (4.2)
-samples_per_video = 2  # captions sampled per video
+samples_per_video = 2  # captions sampled per video, as released; of more, the best and the worst make the pair
 videos_per_round = 0  # videos sampled each round (0: all); a different seeded subset every round
 val_items = 0  # validation captions evaluated after each round (0: all)
 temperature = 1.0  # sampling temperature
@@ -178,12 +178,12 @@ def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge):
 
 
 def round_pairs(rdir, t, c, data):
-    """Phase 4 over every rank's samples: the kept pairs, with the ground-truth caption for the CE term."""
+    """Phase 4 over every rank's samples: the kept pairs, with the ground-truth caption for the CE term. Of a video's
+    samples, the one with the lowest total error against the one with the highest (with two, as released, the pair)."""
     pairs = []
     for name in sorted(f for f in os.listdir(rdir) if f.startswith("samples_rank")):
         for r in read_records(os.path.join(rdir, name)):
-            a, b = r["samples"][:2]
-            kept = select_pair(a, b, t, c)
+            kept = select_pair(min(r["samples"], key=lambda s: s["total"]), max(r["samples"], key=lambda s: s["total"]), t, c)
             if kept:
                 pairs.append({"i": r["i"], "chosen_ids": kept[0]["ids"], "rejected_ids": kept[1]["ids"],
                               "ref_chosen": kept[0]["ref"], "ref_rejected": kept[1]["ref"], "gt_ids": data.ids[r["i"]][1]})

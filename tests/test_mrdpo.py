@@ -66,6 +66,19 @@ def test_pair_selection_follows_table_6(t, a, b, kept):
         assert pair[0]["total"] == min(a[0], b[0])
 
 
+def test_the_pair_of_many_samples_is_the_best_against_the_worst(tmp_path):
+    def sample(total, repetition=0.0):
+        return {"ids": [round(100 * total)], "ref": -total, "total": total, "repetition": repetition}
+    records = [{"i": 0, "samples": [sample(0.5), sample(0.1), sample(0.9, 0.05), sample(0.3)]},
+               {"i": 1, "samples": [sample(0.4), sample(0.42), sample(0.41)]},  # the best wins by 0.02 < 0.05: no pair
+               {"i": 2, "samples": [sample(0.7, 0.1), sample(0.2, 0.0)]}]  # two samples: the released pair
+    (tmp_path / "samples_rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = mock.Mock(ids=[([1], [7]), ([1], [8]), ([1], [9])])
+    pairs = train_mrdpo.round_pairs(str(tmp_path), 1, {"thresholds": train_mrdpo.thresholds}, data)
+    assert [(p["i"], p["chosen_ids"], p["rejected_ids"], p["ref_chosen"], p["ref_rejected"], p["gt_ids"]) for p in pairs] \
+        == [(0, [10], [90], -0.1, -0.9, [7]), (2, [20], [70], -0.2, -0.7, [9])]
+
+
 def lora_model(seed=0):
     m = tiny_model(seed)
     lora.apply_lora(m.llm, r=4, alpha=8, dropout=0.0)
