@@ -4,9 +4,14 @@ TOY_SEED ?= 1337
 
 .PHONY: test toy ablations setup clean
 
-.venv/.installed: requirements.txt requirements-dev.txt requirements-data.txt
+# the runtime requirements (make toy needs no more), then the tests' (transformers, the reference; pytest)
+.venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+.venv/.installed: .venv/.runtime requirements-dev.txt requirements-data.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -18,7 +23,7 @@ test: setup
 # the toy world of seed TOY_SEED (written again only when its seed or generator changes), its pretrained encoders
 # (trained again only when their content hash changes), then every stage and its evaluation, then the MrDPO rounds
 # (each evaluated on the test split)
-toy: setup
+toy: .venv/.runtime
 	$(PY) $(TOY)/prepare.py --seed $(TOY_SEED) --keep
 	rm -rf out/toy/results.json out/toy/vision out/toy/copy out/toy/base out/toy/align out/toy/sft out/toy/mrdpo out/toy/ablations*
 	$(PY) $(TOY)/pretrain_encoders.py --config config/toy_vision.py --results out/toy/results.json
@@ -34,7 +39,7 @@ toy: setup
 	@cat out/toy/results.json
 
 # the paper's two MrDPO ablations next to the method, 3 seeds each, from make toy's SFT model: Total per round
-ablations: setup
+ablations: .venv/.runtime
 	test -f out/toy/sft/final/train_config.json || $(MAKE) toy
 	$(PY) $(TOY)/ablations.py
 
