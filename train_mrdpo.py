@@ -113,10 +113,12 @@ def start_round(model, c, t):
         lora.reinit_lora(model, torch.Generator().manual_seed(c["seed"] + t))
 
 
-def select_pair(a, b, t, c):
-    """Table 6: the sample with the lower total error is chosen; the pair is kept when it wins by at
-    least delta e in total error and delta r in repetition rate (negative: may repeat a little more)."""
-    chosen, rejected = (a, b) if a["total"] <= b["total"] else (b, a)
+def select_pair(samples, t, c):
+    """Table 6: of a video's samples (two, as released) the one with the lowest total error is chosen and the one
+    with the highest rejected; the pair is kept when it wins by at least delta e in total error and delta r in
+    repetition rate (negative: may repeat a little more)."""
+    ranked = sorted(samples, key=lambda s: s["total"])  # stable: of two equal, the first is chosen
+    chosen, rejected = ranked[0], ranked[-1]
     de, dr = c["thresholds"][min(t, len(c["thresholds"])) - 1]
     keep = rejected["total"] - chosen["total"] >= de and rejected["repetition"] - chosen["repetition"] >= dr
     return (chosen, rejected) if keep else None
@@ -178,12 +180,11 @@ def sample_and_judge(model, tok, data, rdir, c, t, rank, world_size, judge):
 
 
 def round_pairs(rdir, t, c, data):
-    """Phase 4 over every rank's samples: the kept pairs, with the ground-truth caption for the CE term. Of a video's
-    samples, the one with the lowest total error against the one with the highest (with two, as released, the pair)."""
+    """Phase 4 over every rank's samples: the kept pairs, with the ground-truth caption for the CE term."""
     pairs = []
     for name in sorted(f for f in os.listdir(rdir) if f.startswith("samples_rank")):
         for r in read_records(os.path.join(rdir, name)):
-            kept = select_pair(min(r["samples"], key=lambda s: s["total"]), max(r["samples"], key=lambda s: s["total"]), t, c)
+            kept = select_pair(r["samples"], t, c)
             if kept:
                 pairs.append({"i": r["i"], "chosen_ids": kept[0]["ids"], "rejected_ids": kept[1]["ids"],
                               "ref_chosen": kept[0]["ref"], "ref_rejected": kept[1]["ref"], "gt_ids": data.ids[r["i"]][1]})

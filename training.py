@@ -8,6 +8,7 @@ settings below, which they override; train_mrdpo.py uses the pieces.
 - the LR schedule: linear warmup, then cosine to zero
 - checkpoints written whole then renamed, and exact resume; the final model in the released layout
 """
+import atexit
 import datetime
 import json
 import math
@@ -112,6 +113,9 @@ def setup_distributed(device):
         return 0, 1, torch.device(device)
     # the other ranks wait at a barrier while rank 0 exports, or judges a round's captions: longer than the default 10 min
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    # destroyed at exit, as torch asks of every process group, rather than by the interpreter's last destructors (a CI
+    # run once saw a torchrun test's rank 1 abort with SIGABRT after its work; dev/LOG.md, sessions 10-11)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     rank, world = dist.get_rank(), dist.get_world_size()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -1,5 +1,5 @@
 """
-What a toy MrDPO run's kept pairs are: each round's pairs (Table 6's margins, from the run's saved config) judged
+What a toy MrDPO run's kept pairs are: each round's pairs (train_mrdpo's own choice, with the run's saved config) judged
 again event by event, counting how often the chosen caption states fewer wrong things (incorrect + hallucinated),
 leaves out fewer or more, and is shorter, longer or as long (in sentences) as the rejected one. A diagnostic for
 issue 13 (dev/LOG.md, session 10). Not part of make toy.
@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data import read_manifest, read_records  # noqa: E402
 from judge import ToyJudge  # noqa: E402
+from train_mrdpo import select_pair  # noqa: E402  the rule itself, not a copy of it
 
 
 def main():
@@ -24,13 +25,12 @@ def main():
     items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]  # train_mrdpo's order
     total = Counter()
     for t in range(1, c["rounds"] + 1):
-        de, dr = c["thresholds"][min(t, len(c["thresholds"])) - 1]
         n = Counter()
         for r in read_records(os.path.join(run, f"round{t}", "samples_rank0.jsonl")):
-            a, b = r["samples"][:2]
-            won, lost = (a, b) if a["total"] <= b["total"] else (b, a)
-            if lost["total"] - won["total"] < de or lost["repetition"] - won["repetition"] < dr:
+            kept = select_pair(r["samples"], t, c)
+            if not kept:
                 continue
+            won, lost = kept
             events = items[r["i"]]["events"]
             w, l = judge.judge(won["text"], events), judge.judge(lost["text"], events)
             wrong_w, wrong_l = w["incorrect"] + w["hallucinated"], l["incorrect"] + l["hallucinated"]

@@ -60,7 +60,7 @@ def test_gdpo_loss_closed_form_and_plain_dpo():
     (9, (0.60, 0.0), (0.36, 0.0), True)])
 def test_pair_selection_follows_table_6(t, a, b, kept):
     sa, sb = {"total": a[0], "repetition": a[1]}, {"total": b[0], "repetition": b[1]}
-    pair = select_pair(sa, sb, t, {"thresholds": train_mrdpo.thresholds})
+    pair = select_pair([sa, sb], t, {"thresholds": train_mrdpo.thresholds})
     assert (pair is not None) == kept
     if pair:
         assert pair[0]["total"] == min(a[0], b[0])
