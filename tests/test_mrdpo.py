@@ -210,7 +210,9 @@ def test_gdpo_step_under_two_process_fsdp_equals_one_process(tmp_path):
     a, b = (load_file(str(tmp_path / d / "lora.safetensors")) for d in ("one", "two"))
     assert a.keys() == b.keys() == before.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-7), (k, (a[k] - b[k]).abs().max())
+        # a few float32 ulps apart (another CPU's kernels sum the gradients in another order: 1.1e-7 on an AMD EPYC),
+        # a thousand times under the step itself (Adam's first step moves an entry by about the LR, 1e-3)
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), (k, (a[k] - b[k]).abs().max())
         assert (a[k] != before[k]).all(), k  # the step moved every entry
 
 
