@@ -31,8 +31,8 @@ from checkpoint import CheckpointError
 from config import UserError, configure, run
 from data import Features, decode_response, merge_results, read_manifest, read_records
 from judge import JudgeError, LLMJudge, ToyJudge, rates, repetition_rate
-from training import (Stepper, autocast, barrier, build_model, caption_prompt, full_state, load_state, lr_at, save_final,
-                      setup_distributed, shard)
+from training import (Stepper, autocast, barrier, build_model, caption_prompt, finish_distributed, full_state, load_state,
+                      lr_at, save_final, setup_distributed, shard)
 
 # -----------------------------------------------------------------------------
 init_from = "out/toy/sft/final"  # the AV SFT model (its LoRA merged)
@@ -361,6 +361,7 @@ def main(c):
                    caption_prompt(train_items, c["init_from"]))
         rounds_out = [{k: h[k] for k in ("round", "miss", "hall", "total", "judged", "pairs") if k in h} for h in history]
         merge_results(c["results"], {"rounds": rounds_out}, {"mrdpo": time.time() - t_start})
+    finish_distributed(world_size)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ settings below, which they override; train_mrdpo.py uses the pieces.
 - the LR schedule: linear warmup, then cosine to zero
 - checkpoints written whole then renamed, and exact resume; the final model in the released layout
 """
-import atexit
 import datetime
 import json
 import math
@@ -113,9 +112,6 @@ def setup_distributed(device):
         return 0, 1, torch.device(device)
     # the other ranks wait at a barrier while rank 0 exports, or judges a round's captions: longer than the default 10 min
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
-    # destroyed at exit, as torch asks of every process group, rather than by the interpreter's last destructors (a CI
-    # run once saw a torchrun test's rank 1 abort with SIGABRT after its work; dev/LOG.md, sessions 10-11)
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     rank, world = dist.get_rank(), dist.get_world_size()
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -284,6 +280,15 @@ def save_checkpoint(path, model, stepper, meta, rank, world):
 def barrier(world):
     if world > 1:
         dist.barrier()
+
+
+def finish_distributed(world):
+    """The end of a run under torchrun: every rank waits for the others, then destroys its process group. A gloo rank
+    that exits while another still writes, leaving its group to the interpreter's last destructors, aborted in 4 of 14
+    runs of a two-process test ("terminate called without an active exception"; dev/LOG.md, session 11)."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def checkpoint_meta(path):
@@ -467,7 +472,8 @@ def train(c, stage):
     t0, tokens, flops = time.time(), 0, 0.0
     bar = tqdm(total=c["steps"], initial=step, disable=not master, desc=stage)
     model.train()
-    while step < c["steps"]:
+    stopped = False  # at stop_at: no final model, the run continues with --resume
+    while step < c["steps"] and not stopped:
         picked = batch_indices(cursor, len(data.items), c["batch_size"], c["seed"], rank)
         batch = [data.example(i, dev) for i in picked]
         cursor += c["batch_size"] * world
@@ -495,12 +501,12 @@ def train(c, stage):
                 log.flush()
         if step == c["steps"] or (c["ckpt_every"] and step % c["ckpt_every"] == 0):
             save_checkpoint(ckpt, model, stepper, {"step": step, "cursor": cursor, "config": c}, rank, world)
-        if step == c["stop_at"]:
-            bar.close()
-            return None
+        stopped = step == c["stop_at"]
     bar.close()
-    return save_final(model, tok, os.path.join(c["out_dir"], "final"), c, time.time() - t_start, rank, world,
-                      caption_prompt(data.items, c["init_from"]))
+    final = None if stopped else save_final(model, tok, os.path.join(c["out_dir"], "final"), c, time.time() - t_start,
+                                            rank, world, caption_prompt(data.items, c["init_from"]))
+    finish_distributed(world)
+    return final
 
 
 @torch.no_grad()

@@ -185,6 +185,7 @@ def gdpo_step(out):
         save_file(state, os.path.join(out, "lora.safetensors"))
         with open(os.path.join(out, "step.json"), "w") as f:
             json.dump({"losses": losses, "grad_norm": norms[0]}, f)
+    training.finish_distributed(world)
 
 
 def test_gdpo_step_under_two_process_fsdp_equals_one_process(tmp_path):
