@@ -285,7 +285,7 @@ def barrier(world):
 def finish_distributed(world):
     """The end of a run under torchrun: every rank waits for the others, then destroys its process group. A gloo rank
     that exits while another still writes, leaving its group to the interpreter's last destructors, aborted in 4 of 14
-    runs of a two-process test ("terminate called without an active exception"; dev/LOG.md, session 11)."""
+    runs of a two-process test ("terminate called without an active exception"); with this, in 1 of 54 (dev/LOG.md)."""
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
