@@ -70,18 +70,18 @@ class ToyJudge:
     def judge_all(self, items, seed=None, workers=None):
         return [{"id": it.get("id", i), **self.judge(it["caption"], it["events"])} for i, it in enumerate(items)], {}
 
-    def sentence_counts(self, captions, items):
-        """By event type (visual, sound, speech; "unknown": a sentence no template makes), three Counters: the
-        sentences the captions state, how many of them are right (an event of the clip, each counted once), and the
-        clips' events."""
+    def sentence_counts(self, captions, items, kind=None):
+        """By event type (visual, sound, speech; "unknown": a sentence no template makes), or by kind(key) when given
+        (key[0]: appear, move, say, ...), three Counters: the sentences the captions state, how many of them are right
+        (an event of the clip, each counted once), and the clips' events."""
+        kind = kind or (lambda key: "unknown" if key[0] == "unknown" else self.world.event_type(list(key)))
         said, right, events = Counter(), Counter(), Counter()
         for caption, it in zip(captions, items):
             truth = Counter(tuple(e["key"]) for e in it["events"])
             for key, n in Counter(map(tuple, self.world.parse_caption(caption))).items():
-                kind = "unknown" if key[0] == "unknown" else self.world.event_type(list(key))
-                said[kind] += n
-                right[kind] += min(n, truth[key])
-            events.update(e["type"] for e in it["events"])
+                said[kind(key)] += n
+                right[kind(key)] += min(n, truth[key])
+            events.update(kind(key) for key in truth.elements())
         return said, right, events
 
     def accuracy(self, captions, items):

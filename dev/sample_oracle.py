@@ -14,7 +14,6 @@ import argparse
 import os
 import random
 import sys
-from collections import Counter
 
 import torch
 
@@ -72,14 +71,7 @@ def main():
         print(f"best of {args.n}: {percent(best)}; clips where it beats greedy: "
               f"{sum(total(b) < total(x) for b, x in zip(best, g))}, where the better of two does: "
               f"{sum(total(min(js[:2], key=total)) < total(x) for js, x in zip(s, g))}, of {len(items)}")
-    events, right, said = Counter(), Counter(), Counter()
-    for text, it in zip(greedy, items):
-        stated = Counter(tuple(k) for k in judge.world.parse_caption(text))
-        for key, n in Counter(tuple(e["key"]) for e in it["events"]).items():
-            events[key[0]] += n
-            right[key[0]] += min(n, stated[key])
-        for key, n in stated.items():
-            said[key[0]] += n
+    said, right, events = judge.sentence_counts(greedy, items, kind=lambda key: key[0])
     print("greedy by kind: " + "; ".join(f"{k} {right[k]}/{events[k]} (said {said[k]})" for k in sorted(events)))
 
 
