@@ -195,7 +195,10 @@ def test_gdpo_step_under_two_process_fsdp_equals_one_process(tmp_path):
     gdpo_step(str(tmp_path / "one"))
     script = tmp_path / "run.py"
     script.write_text(f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\nimport test_mrdpo\n"
-                      f"test_mrdpo.gdpo_step({str(tmp_path / 'two')!r})\n")
+                      f"test_mrdpo.gdpo_step({str(tmp_path / 'two')!r})\n"
+                      # its work done and written, each rank leaves without the interpreter's teardown, where gloo still
+                      # aborted a rank in about 1 run of 50 after finish_distributed (torch 2.13; dev/LOG.md, session 11)
+                      "import os; os._exit(0)\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
