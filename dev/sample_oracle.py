@@ -3,12 +3,13 @@ How much better than its greedy captions are a toy checkpoint's own samples, MrD
 clips of a split: the greedy caption and n nucleus samples of each (MrDPO's temperature 1 and top-p 0.9), judged by
 the exact toy judge. Prints Miss / Hall / Total of the greedy captions, of each sample, of the better and the worse of
 the first two (a released MrDPO pair) and of the best of n; then, by event kind (appear, move, say, ...), the greedy
-captions' events stated right, of the events, and the sentences of that kind said. A diagnostic for issue 13
-(dev/LOG.md, session 11). Not part of make toy.
+captions' events stated right, of the events, and the sentences of that kind said. The checkpoint is shown its media
+as its training was (eval.trained_inputs: the base hears its soundtrack written). A diagnostic for issue 13
+(dev/LOG.md, sessions 11-12). Not part of make toy.
 
 $ python dev/sample_oracle.py out/toy/sft/final --split=test --n=8
 $ python dev/sample_oracle.py out/toy/sft/final --split=train --videos=160
-$ python dev/sample_oracle.py out/toy/base/final --split=base_test --n=0 --no_audio
+$ python dev/sample_oracle.py out/toy/base/final --split=base_test --n=0
 """
 import argparse
 import os
@@ -41,15 +42,15 @@ def main():
     p.add_argument("--split", default="test", help="a toy manifest: test, val, train, base_test, ...")
     p.add_argument("--n", type=int, default=8, help="samples per clip")
     p.add_argument("--videos", type=int, default=0, help="a seeded subset of this many clips (0: all)")
-    p.add_argument("--no_audio", action="store_true", help="a visual-only model (the visual base)")
     args = p.parse_args()
     c = configure(dict(vars(E)), [f"--ckpt={args.ckpt}", f"--cache_dir={os.path.join(ROOT, E.cache_dir)}"])
     model, tok = E.load_model(c)
     items = [it for it in read_manifest(os.path.join(ROOT, "data", "toyav", f"{args.split}.jsonl")) if it["task"] == "caption"]
     if args.videos:
         items = random.Random(0).sample(items, min(args.videos, len(items)))
+    use_audio, written_audio = E.trained_inputs(args.ckpt)
     data = Features(model, tok, items, fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"],
-                    use_audio=not args.no_audio, responses=False)
+                    use_audio=use_audio, responses=False, written_audio=written_audio)
     items, judge, stop = data.items, ToyJudge(), (tok.token_to_id("<|im_end|>"),)
 
     def captions(**kw):

@@ -111,6 +111,28 @@ def test_qa_accuracy_counts_letters(tmp_path, monkeypatch):
     assert [(r["letter"], r["correct"]) for r in rows] == [("B", True), ("C", False), (None, False)]
 
 
+def test_the_visual_base_is_shown_its_media_as_its_training_was(tmp_path, monkeypatch):
+    """The toy base trained each frame beside its second's audio tokens, its soundtrack written (config/toy_base.py):
+    its visual captions are asked that way, not of frames alone; the vision stage's, of frames alone."""
+    seen = []
+
+    def answers(model, tok, items, c, n, use_audio):
+        seen.append((use_audio, c["written_audio"]))
+        return items, [(it["response"], True) for it in items]
+    monkeypatch.setattr(ev, "answers", answers)
+    start = {"text": "The video begins on a black background.", "type": "visual", "key": ["start", "black"], "start": 0}
+    write_manifest(tmp_path / "base_test.jsonl", [{"id": "a", "video": "a.mp4", "task": "caption", "prompt": "Describe.",
+                                                   "response": start["text"], "events": [start]}])
+    for trained, shown in (({"use_audio": True, "written_audio": True}, (True, True)),
+                           ({"use_audio": False, "written_audio": False}, (False, False))):
+        ckpt = tmp_path / str(len(seen))
+        ckpt.mkdir()
+        (ckpt / "train_config.json").write_text(json.dumps(trained))
+        out = ev.toy_metrics(None, None, {"stage": "base", "ckpt": str(ckpt), "data_dir": str(tmp_path), "limit": 0,
+                                          "max_new_tokens": 8, "written_audio": False})
+        assert seen[-1] == shown and out["accuracy"] == {"visual": 1.0}
+
+
 def first_letter(text):
     """This test's own letter rule: the first word of the answer that is one capital A-D on its own."""
     return next((w for w in re.split(r"\W+", text) if w in ("A", "B", "C", "D")), None)
