@@ -4,16 +4,15 @@ TOY_SEED ?= 1337
 
 .PHONY: test toy ablations setup clean
 
-# the runtime requirements (make toy needs no more), then the tests' (transformers, the reference; pytest); not
-# byte-compiled at install, which takes a third of it: Python compiles the modules it imports, once
+# the runtime requirements (make toy needs no more), then the tests' (transformers, the reference; pytest)
 .venv/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 .venv/.installed: .venv/.runtime requirements-dev.txt requirements-data.txt
-	$(PY) -m pip install -q --no-compile -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 setup: .venv/.installed
