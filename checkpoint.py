@@ -60,16 +60,20 @@ def read_config(path):
         raise CheckpointError(f"{file}: not a JSON config ({e})") from e
 
 
+def train_config(path):
+    """The settings a checkpoint was trained with (train_config.json, as our training scripts write it); {} for a
+    checkpoint without them (a released one)."""
+    file = os.path.join(path or "", "train_config.json")
+    if not os.path.exists(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
 def trained_prompt(path):
-    """The caption prompt a checkpoint was trained with (train_config.json, as our training scripts write it), else
-    the released demo prompt (the released checkpoint has none)."""
-    file = os.path.join(path, "train_config.json")
-    if os.path.exists(file):
-        with open(file) as f:
-            prompt = json.load(f).get("caption_prompt")
-        if prompt:
-            return prompt
-    return DEMO_PROMPT
+    """The caption prompt a checkpoint was trained with, else the released demo prompt (the released checkpoint has
+    none)."""
+    return train_config(path).get("caption_prompt") or DEMO_PROMPT
 
 
 def open_safetensors(file, device="cpu"):

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from checkpoint import load_model as load_checkpoint, read_config, trained_prompt
+from checkpoint import load_model as load_checkpoint, read_config, train_config, trained_prompt
 from config import UserError, configure, run
 from data import Features, decode_response, load_tokenizer, merge_results, read_manifest, read_records
 from judge import SEED, JudgeError, LLMClient, LLMJudge, ToyJudge, each, median_of_runs, rates
@@ -103,8 +103,7 @@ def wer(ref, hyp):
 def trained_inputs(ckpt):
     """(use_audio, written_audio): how the checkpoint's training gave it its media (train_config.json); frames alone
     for a checkpoint without one."""
-    file = os.path.join(ckpt, "train_config.json")
-    trained = json.load(open(file)) if os.path.exists(file) else {}
+    trained = train_config(ckpt)
     return bool(trained.get("use_audio", False)), bool(trained.get("written_audio", False))
 
 
@@ -437,12 +436,10 @@ def main(argv):
     if c["stage"] == "base" and os.path.exists(meta):
         seconds["prepare"] = json.load(open(meta))["seconds"]
     init = os.path.normpath(str(trained.get("init_from")))
-    while c["stage"] == "base" and os.path.exists(os.path.join(init, "train_config.json")):  # the toy's stages before
-        name = os.path.basename(os.path.dirname(init))  # the base, by their directories' names: copy, then vision
+    while c["stage"] == "base" and (before := train_config(init)):  # the toy's stages before the base, by their
+        name = os.path.basename(os.path.dirname(init))  # directories' names: copy, then vision
         if name in seconds:
             break
-        with open(os.path.join(init, "train_config.json")) as f:
-            before = json.load(f)
         seconds[name] = before.get("seconds", 0.0)
         init = os.path.normpath(str(before.get("init_from")))
     merge_results(c["results"], {c["stage"]: metrics}, seconds)

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import lora
-from checkpoint import CheckpointError, load_model, read_config
+from checkpoint import CheckpointError, load_model, read_config, train_config
 from config import UserError
 from data import SILENCE, Features, load_tokenizer, read_manifest, soundtrack_words
 from model import GROUP_OVERHEAD, AVConfig, VideoSALMONN2
@@ -344,11 +344,7 @@ def caption_prompt(items, init_from):
     prompts = Counter(it["prompt"] for it in items if it.get("task") == "caption")
     if prompts:
         return prompts.most_common(1)[0][0]
-    file = os.path.join(init_from or "", "train_config.json")
-    if not os.path.exists(file):
-        return None
-    with open(file) as f:
-        return json.load(f).get("caption_prompt")
+    return train_config(init_from).get("caption_prompt")
 
 
 def save_final(model, tok, path, c, seconds, rank, world, prompt=None):
