@@ -68,6 +68,7 @@ QA_PROMPT = ("Select the best answer to the following multiple-choice question b
 CAPTION_QA_PROMPT = "Here is a detailed description of a video, of what is seen and what is heard:\n\n{caption}\n\n{question}"
 LETTER = re.compile(r"\b([A-D])\b")  # a standalone option letter: "B", "B.", "(B)", "The answer is B"
 ELO_INITIAL, ELO_BASE, ELO_SCALE, ELO_K = 1000, 10, 400, 8  # Table 9
+TOY_STAGES = ("base", "align", "sft")
 
 
 @torch.no_grad()
@@ -107,14 +108,31 @@ def trained_inputs(ckpt):
     return bool(trained.get("use_audio", False)), bool(trained.get("written_audio", False))
 
 
+def toy_items(items, task, fields, limit):
+    """The first limit (0: all) items of one task of a toy manifest. An item without a field the toy judge reads is a
+    UserError naming its line, raised before anything is generated rather than after."""
+    items = [it for it in items if it["task"] == task][:limit or None]
+    for it in items:
+        if missing := [k for k in fields if not it.get(k)]:
+            raise UserError(f"{it['line']}: a toy {task} item without {' or '.join(map(repr, missing))}")
+        if "events" in fields and not all(isinstance(e, dict) and "key" in e for e in it["events"]):
+            raise UserError(f"{it['line']}: events without the toy's keys (a toy event is {{\"text\", \"key\", ...}})")
+    return items
+
+
 def toy_metrics(model, tok, c):
     """The toy stage's metrics, by the exact toy judge: ASR word error rate (align); Miss / Hall / Total and the
     fraction of events of each type stated exactly (base, sft); multiple-choice accuracy (sft: an answer counts
-    when it is the right option's answer sentence, prepare.parse_answer)."""
-    judge, pick = ToyJudge(), lambda items: items[:c["limit"]] if c["limit"] else items
+    when it is the right option's answer sentence, prepare.parse_answer). A metric none of whose items could be
+    read is left out, never 0; with no other metric, that ends the run."""
+    if c["stage"] not in TOY_STAGES:
+        raise UserError(f"--stage={c['stage']}: no such toy stage ({', '.join(TOY_STAGES)})")
+    judge = ToyJudge()
     if c["stage"] == "align":
-        asr = pick([it for it in read_manifest(os.path.join(c["data_dir"], "align_test.jsonl")) if it["task"] == "asr"])
+        asr = toy_items(read_manifest(os.path.join(c["data_dir"], "align_test.jsonl")), "asr", ("response",), c["limit"])
         kept, outs = answers(model, tok, asr, c, c["max_new_tokens"])
+        if not kept:
+            raise SystemExit("align: no rate: no ASR item could be read (named above)")
         errors = [wer(it["response"], text) for it, (text, _) in zip(kept, outs)]
         return {"asr_wer": sum(e for e, _ in errors) / sum(n for _, n in errors)}
     base = c["stage"] == "base"
@@ -125,16 +143,21 @@ def toy_metrics(model, tok, c):
         use_audio, written_audio = trained_inputs(c["ckpt"])
         c = {**c, "written_audio": written_audio}
     test = read_manifest(os.path.join(c["data_dir"], "base_test.jsonl" if base else "test.jsonl"))
-    caps, outs = answers(model, tok, pick([it for it in test if it["task"] == "caption"]), c, c["max_new_tokens"], use_audio)
+    captions = toy_items(test, "caption", ("events",), c["limit"])
+    questions = [] if base else toy_items(test, "qa", ("options", "answer"), c["limit"])
+    caps, outs = answers(model, tok, captions, c, c["max_new_tokens"], use_audio)
     texts = [text for text, _ in outs]
     judged, _ = judge.judge_all([{"caption": text, "events": it["events"]} for text, it in zip(texts, caps)])
     if not judged:
         raise SystemExit(f"{c['stage']}: no rate: no caption item could be read (named above)")
     out = {**rates(judged), "accuracy": judge.accuracy(texts, caps)}
     if not base:
-        qa, outs = answers(model, tok, pick([it for it in test if it["task"] == "qa"]), c, c["max_new_tokens"])
-        chosen = [judge.world.parse_answer(text, it["options"]) for (text, _), it in zip(outs, qa)]
-        out["qa_acc"] = sum(letter == it["answer"] for letter, it in zip(chosen, qa)) / len(qa)
+        qa, outs = answers(model, tok, questions, c, c["max_new_tokens"])
+        if qa:
+            chosen = [judge.world.parse_answer(text, it["options"]) for (text, _), it in zip(outs, qa)]
+            out["qa_acc"] = sum(letter == it["answer"] for letter, it in zip(chosen, qa)) / len(qa)
+        else:
+            print(f"sft: no qa_acc: none of the {len(questions)} QA items could be read (named above)", flush=True)
     return out
 
 

@@ -133,6 +133,57 @@ def test_the_visual_base_is_shown_its_media_as_its_training_was(tmp_path, monkey
         assert seen[-1] == shown and out["accuracy"] == {"visual": 1.0}
 
 
+START = {"text": "The video begins on a black background.", "type": "visual", "key": ["start", "black"], "start": 0}
+
+
+def toy_config(tmp_path, stage):
+    return {"stage": stage, "ckpt": str(tmp_path), "data_dir": str(tmp_path), "limit": 0, "max_new_tokens": 8,
+            "written_audio": False}
+
+
+def readable(kind):
+    """A fake `answers` that reads only the items of task kind, each answered with its own response."""
+    def answers(model, tok, items, c, n, use_audio=True):
+        kept = [it for it in items if it["task"] == kind]
+        return kept, [(it["response"], True) for it in kept]
+    return answers
+
+
+def test_toy_eval_with_no_readable_item_gives_no_rate(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "answers", readable("caption"))
+    write_manifest(tmp_path / "align_test.jsonl", [{"audio": "a.wav", "task": "asr", "prompt": "Transcribe.", "response": "zeta"}])
+    with pytest.raises(SystemExit, match="align: no rate: no ASR item could be read"):
+        ev.toy_metrics(None, None, toy_config(tmp_path, "align"))
+
+
+def test_toy_sft_with_no_readable_question_keeps_its_caption_metrics(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "answers", readable("caption"))
+    write_manifest(tmp_path / "test.jsonl", [
+        {"video": "a.mp4", "task": "caption", "prompt": "Describe.", "response": START["text"], "events": [START]},
+        {"video": "b.mp4", "task": "qa", "prompt": "What?", "response": "x", "options": ["x", "y"], "answer": "A"}])
+    out = ev.toy_metrics(None, None, toy_config(tmp_path, "sft"))
+    assert out["total"] == 0.0 and out["accuracy"] == {"visual": 1.0} and "qa_acc" not in out
+    assert "sft: no qa_acc: none of the 1 QA items could be read" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage,item,error", [
+    ("base", {"task": "caption"}, "base_test.jsonl:1: a toy caption item without 'events'"),
+    ("base", {"task": "caption", "events": ["A tone plays."]}, "base_test.jsonl:1: events without the toy's keys"),
+    ("sft", {"task": "qa", "options": ["x", "y"]}, "test.jsonl:1: a toy qa item without 'answer'")])
+def test_toy_items_without_what_the_judge_reads_are_named_before_generating(tmp_path, monkeypatch, stage, item, error):
+    monkeypatch.setattr(ev, "answers", lambda *args: pytest.fail("generated before the manifest was checked"))
+    (tmp_path / "train_config.json").write_text("{}")
+    write_manifest(tmp_path / ("base_test.jsonl" if stage == "base" else "test.jsonl"),
+                   [{"video": "a.mp4", "prompt": "Describe.", "response": "x", **item}])
+    with pytest.raises(ev.UserError, match=re.escape(error)):
+        ev.toy_metrics(None, None, toy_config(tmp_path, stage))
+
+
+def test_toy_eval_rejects_an_unknown_stage(tmp_path):
+    with pytest.raises(ev.UserError, match="--stage=bsae: no such toy stage"):
+        ev.toy_metrics(None, None, toy_config(tmp_path, "bsae"))
+
+
 def first_letter(text):
     """This test's own letter rule: the first word of the answer that is one capital A-D on its own."""
     return next((w for w in re.split(r"\W+", text) if w in ("A", "B", "C", "D")), None)
