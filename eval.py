@@ -451,9 +451,8 @@ def main(argv):
         merge_results(os.path.join(c["out_dir"], "results.json"), {c["task"]: run_task(c)}, {c["task"]: time.time() - t0})
         return
     model, tok = load_model(c)
+    trained = train_config(c["ckpt"])  # read before the metrics, so that a bad file cannot cost them
     metrics = toy_metrics(model, tok, c)
-    with open(os.path.join(c["ckpt"], "train_config.json")) as f:
-        trained = json.load(f)
     seconds = {c["stage"]: trained.get("seconds", 0.0) + time.time() - t0}
     meta = os.path.join(c["data_dir"], "meta.json")  # the toy generator's own time
     if c["stage"] == "base" and os.path.exists(meta):

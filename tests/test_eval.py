@@ -184,6 +184,22 @@ def test_toy_eval_rejects_an_unknown_stage(tmp_path):
         ev.toy_metrics(None, None, toy_config(tmp_path, "bsae"))
 
 
+def eval_main(monkeypatch, *argv):
+    """eval.py's main in this process, the settings it overrides restored after the test."""
+    for arg in argv:
+        key = arg[2:].partition("=")[0]
+        monkeypatch.setattr(ev, key, getattr(ev, key))
+    ev.main(list(argv))
+
+
+def test_toy_eval_of_a_checkpoint_without_train_config(tmp_path, monkeypatch):
+    """A checkpoint without train_config.json (a released one) gets its metrics written, not a FileNotFoundError."""
+    monkeypatch.setattr(ev, "load_model", lambda c: (None, None))
+    monkeypatch.setattr(ev, "toy_metrics", lambda model, tok, c: {"total": 0.5})
+    eval_main(monkeypatch, "--stage=sft", f"--ckpt={tmp_path}", f"--data_dir={tmp_path}", f"--results={tmp_path / 'r.json'}")
+    assert json.loads((tmp_path / "r.json").read_text())["sft"] == {"total": 0.5}
+
+
 def first_letter(text):
     """This test's own letter rule: the first word of the answer that is one capital A-D on its own."""
     return next((w for w in re.split(r"\W+", text) if w in ("A", "B", "C", "D")), None)
