@@ -313,7 +313,8 @@ def read_predictions(path):
 
 
 def qa_from_captions(load, c):
-    """Paper 5.3: a text LLM (qa_model) answers each question from the caption of its video alone."""
+    """Paper 5.3: a text LLM (qa_model) answers each question from the caption of its video alone. An item the LLM
+    fails on is named and left out of the accuracy; with none answered there is no accuracy."""
     items = read_qa(c["manifest"])[:c["limit"] or None]
     videos = list(dict.fromkeys(it["video"] for it in items))
     if c["captions"]:
@@ -343,9 +344,13 @@ def qa_from_captions(load, c):
     finally:
         client.close()
     failed = [str(o) for o in outs if isinstance(o, JudgeError)]
-    out = qa_report(c, "qa_from_captions", items, ["" if isinstance(o, JudgeError) else o for o in outs])
+    if len(failed) == len(items):  # an LLM that answered nothing must not look like a model that got all wrong
+        raise SystemExit(f"qa_from_captions: no accuracy: the LLM ({client.model}) failed on all {len(items)} items, "
+                         f"e.g. {failed[0]} (every answer is cached, a rerun asks only for what failed)")
+    answered = [(it, o) for it, o in zip(items, outs) if not isinstance(o, JudgeError)]
+    out = qa_report(c, "qa_from_captions", [it for it, _ in answered], [o for _, o in answered])
     if failed:
-        print(f"the LLM ({client.model}) failed on {len(failed)} item(s), counted wrong:")
+        print(f"the LLM ({client.model}) failed on {len(failed)} item(s), left out of the accuracy:")
         print("\n".join(f"  {e}" for e in failed))
     return out | {"failed": len(failed)}
 

@@ -305,6 +305,25 @@ def test_qa_from_captions_with_fixed_letter(tmp_path, server):  # noqa: F811
         assert any(caption in a and question in a and "based on the description of the video" in a for a in asked)
 
 
+def test_qa_from_captions_scores_only_the_answered_items(tmp_path, server, monkeypatch):  # noqa: F811
+    """An item the LLM never answers with a letter is left out of the accuracy, not counted wrong; with none answered
+    there is no accuracy at all, never 0 %."""
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    server.answer = lambda body: "I cannot tell." if "How many circles?" in body["messages"][-1]["content"] else "B"
+    preds = tmp_path / "predictions.json"
+    preds.write_text(json.dumps([{"id": ["a.mp4"], "pred": "Grey."}, {"id": ["b.mp4"], "pred": "Red."}]))
+    c = {"manifest": str(write_manifest(tmp_path / "qa.jsonl", qa_items())), "limit": 0, "captions": str(preds),
+         "out_dir": str(tmp_path / "out"), "judge_cache": str(tmp_path / "judge.sqlite"), "judge_timeout": 5.0,
+         "qa_model": "test-qa", "workers": 2}
+    out = ev.qa_from_captions(None, c)
+    assert out == {"accuracy": 0.5, "items": 2, "no_letter": 0, "failed": 1}  # q0 (B) right, q1 (A) wrong, q2 failed
+    assert [r["id"] for r in json.loads((tmp_path / "out" / "qa_from_captions.json").read_text())] == ["q0", "q1"]
+    server.answer = lambda body: "I cannot tell."
+    with pytest.raises(SystemExit, match="qa_from_captions: no accuracy: the LLM \\(test-qa\\) failed on all 3 items"):
+        ev.qa_from_captions(None, {**c, "judge_cache": str(tmp_path / "judge2.sqlite")})
+
+
 def test_qa_from_generated_captions(tiny_checkpoint, tmp_path, server):  # noqa: F811
     """Without --captions the model captions each video once (the released demo prompt) and the LLM reads those."""
     server.answer = lambda body: "B"
