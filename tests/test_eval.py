@@ -284,6 +284,17 @@ def test_caption_benchmark_end_to_end(tiny_checkpoint, tmp_path, server):  # noq
     assert [res[k] for k in ("miss", "hall", "total")] == pytest.approx([median[k] for k in ("miss", "hall", "total")])
 
 
+@pytest.mark.parametrize("record", [{"caption": "z"}, ["z"], {"id": "a.mp4", "prediction": 3, "truncated": False}])
+def test_caption_benchmark_names_a_bad_record_of_an_earlier_run(tmp_path, record):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "captions.jsonl").write_text(json.dumps({"id": "b.mp4", "prediction": "x", "truncated": False})
+                                                     + "\n" + json.dumps(record) + "\n")
+    c = {"manifest": str(write_manifest(tmp_path / "test.jsonl", [{"video": "a.mp4", "prompt": "Describe.", "events": ["x"]}])),
+         "limit": 0, "out_dir": str(tmp_path / "out")}
+    with pytest.raises(ev.UserError, match=re.escape(f"{tmp_path / 'out' / 'captions.jsonl'}: record 2 is not a caption")):
+        ev.caption_benchmark(lambda: pytest.fail("the model loaded before the earlier captions were read"), c)
+
+
 # -----------------------------------------------------------------------------
 # QA from captions
 
