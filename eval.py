@@ -383,8 +383,9 @@ def read_matches(path):
         if line.strip():
             try:
                 g = json.loads(line)
-                if not (isinstance(g, dict) and {"a", "b"} <= set(g) and g.get("winner") in ("a", "b", "tie")):
-                    raise ValueError('not {"a": model, "b": model, "winner": "a" | "b" | "tie"}')
+                if not (isinstance(g, dict) and isinstance(g.get("a"), str) and isinstance(g.get("b"), str)
+                        and g.get("winner") in ("a", "b", "tie")):
+                    raise ValueError('not {"a": "model", "b": "model", "winner": "a" | "b" | "tie"}')
             except ValueError as e:
                 raise UserError(f"{path}:{n}: {e}") from e
             games.append(g)

@@ -72,6 +72,13 @@ def test_elo_cli_prints_table_by_rating(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["elo"] == pytest.approx(ev.elo(games))
 
 
+@pytest.mark.parametrize("game", [{"a": ["x"], "b": "y", "winner": "a"}, {"a": "x", "b": 2, "winner": "tie"}])
+def test_a_match_that_is_not_two_named_models_is_named(tmp_path, game):
+    path = write_manifest(tmp_path / "prefs.jsonl", [{"a": "x", "b": "y", "winner": "a"}, game])
+    with pytest.raises(ev.UserError, match=re.escape(f"{path}:2: not ")):
+        ev.read_matches(str(path))
+
+
 @pytest.mark.parametrize("text,letter", [("B", "B"), ("B.", "B"), ("(B)", "B"), ("The answer is B", "B"),
                                          ("The best answer is: C) red", "C"), ("D. red", "D"), (" A\n", "A"),
                                          ("", None), ("none of them", None), ("Beta", None), ("b", None)])
