@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
+from config import UserError
+
 
 def rates(judgments):
     """Corpus-level Miss, Hall and Total of a list of judgments (dicts of counts), and how many were judged.
@@ -350,7 +352,10 @@ class LLMClient:
                     if status in ITEM_STATUS:
                         raise JudgeError(f"{name}: the judge rejected the request: {_one_line(e)}") from e
                     if status is not None and status not in RETRY_STATUS and status < 500:
-                        raise  # a wrong key or model name: every item would fail the same way
+                        # a wrong key, model name or URL: every item would fail the same way, so the run stops here
+                        raise UserError(f"{self.model} at {self.client.base_url}: the server refused the request "
+                                        f"({_one_line(e)}); check OPENAI_API_KEY, OPENAI_BASE_URL and the "
+                                        f"model name (every answer so far is cached)") from e
                     failures, kind, detail = failures + 1, "no answer from the judge", f"{type(e).__name__}: {_one_line(e)}"
                     if failures < self.max_attempts:
                         time.sleep(self._delay(failures, e))

@@ -7,9 +7,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import openai
 import pytest
 
+from config import UserError
 from judge import (JUDGE_MODEL, SEED, JudgeError, LLMJudge, ToyJudge, median_of_runs, parse_events, parse_judgment, rates,
                    reduce_repeated_words, repetition_rate, toy_judge)
 
@@ -199,14 +199,23 @@ def test_judge_all_keeps_the_good_items_and_the_cache_answers_a_second_run(serve
     assert sorted(request) == ["messages", "model", "seed", "temperature", "top_p"]
 
 
-def test_a_rejected_request_fails_its_item_and_a_wrong_key_stops_the_batch(server, make_client):
+def test_a_rejected_request_fails_its_item(server, make_client):
     server.faults = [("status", 400, {})]
     results, errors = make_client().judge_all([{"caption": "too long", "events": EVENTS}], workers=1)
     assert results == [] and errors[0].startswith("item 0: the judge rejected the request: ")
     assert len(server.requests) == 1  # not retried
-    server.faults = [("status", 401, {})]
-    with pytest.raises(openai.AuthenticationError):
-        make_client().judge("caption", ["another event"])
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_a_wrong_key_or_model_stops_the_batch_with_one_line(server, make_client, status):
+    """A rejected key (401) or an unknown model or route (404) would fail every item the same way: a UserError naming
+    the model and the server, which the entry points print as one line, not an openai exception's traceback."""
+    server.faults = [("status", status, {})]
+    with pytest.raises(UserError) as e:
+        make_client().judge_all([{"caption": "caption", "events": EVENTS}], workers=1)
+    assert str(e.value).startswith(f"test-judge at http://127.0.0.1:{server.server_port}/v1/: the server refused the "
+                                   "request (") and f"fault {status}" in str(e.value)
+    assert "\n" not in str(e.value) and len(server.requests) == 1
 
 
 def test_truncated_caption_is_cleaned_before_judging(server, make_client):
