@@ -308,7 +308,11 @@ class LLMClient:
         self.model = model or os.environ.get("JUDGE_MODEL") or JUDGE_MODEL
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         api_key = api_key or os.environ.get("OPENAI_API_KEY") or (LOCAL_API_KEY if base_url else None)
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        try:
+            self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        except openai.OpenAIError as e:  # no key, and no local server that would take any
+            raise UserError(f"{self.model}: no API key: set OPENAI_API_KEY, or OPENAI_BASE_URL for a local server "
+                            f"({_one_line(e)})") from e
         self.cache = AnswerCache(cache_path)
         self.max_attempts, self.base_delay, self.temperature, self.top_p = max_attempts, base_delay, temperature, top_p
 

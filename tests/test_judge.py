@@ -218,6 +218,13 @@ def test_a_wrong_key_or_model_stops_the_batch_with_one_line(server, make_client,
     assert "\n" not in str(e.value) and len(server.requests) == 1
 
 
+def test_no_key_and_no_server_is_one_line(monkeypatch, tmp_path):
+    for var in ("OPENAI_API_KEY", "OPENAI_ADMIN_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(UserError, match="test-judge: no API key: set OPENAI_API_KEY, or OPENAI_BASE_URL"):
+        LLMJudge("test-judge", cache_path=str(tmp_path / "judge_cache.sqlite"))
+
+
 def test_truncated_caption_is_cleaned_before_judging(server, make_client):
     make_client().judge("A tone plays. " * 8, EVENTS, truncated=True)
     assert caption_of(server.requests[0]) == "A tone plays. "
