@@ -9,7 +9,7 @@ Every checkpoint layout video-SALMONN 2 meets, side by side: the key maps, the c
 
 Models are built on the meta device and the safetensors tensors assigned in place, so a 7B model is never
 held twice; a checkpoint that does not fit, or a file that is missing or cut short (a download that stopped),
-fails with a CheckpointError naming the file or the missing and unexpected keys.
+fails with a CheckpointError naming the file and the missing, unexpected or misshapen keys.
 """
 import json
 import os
@@ -125,7 +125,8 @@ def load_into(model, path, rename, dtype=None, device="cpu", only=None):
     only (a tuple of name prefixes) restricts the load to part of the model."""
     files = checkpoint_keys(path)
     wanted = {}
-    expected = {k for k in model.state_dict() if only is None or k.startswith(only)}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k for k in shapes if only is None or k.startswith(only)}
     for key, file in files.items():
         name = rename(key)
         if name is not None and name not in expected and name.rsplit(".", 1)[-1] in NON_PARAMETER_BUFFERS:
@@ -137,6 +138,12 @@ def load_into(model, path, rename, dtype=None, device="cpu", only=None):
     if missing or unexpected:
         raise CheckpointError(f"{path}: cannot load {type(model).__name__}: "
                          f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
+    for file, pairs in wanted.items():  # every shape checked before any tensor is read: no late failure at 7B
+        with open_safetensors(file) as f:
+            for key, name in pairs:
+                if (shape := tuple(f.get_slice(key).get_shape())) != shapes[name]:
+                    raise CheckpointError(f"{file}: {key} is {list(shape)}, {type(model).__name__}'s {name} is "
+                                          f"{list(shapes[name])} (weights for another config?)")
     state = {}
     for file, pairs in wanted.items():
         with open_safetensors(file, device) as f:

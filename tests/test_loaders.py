@@ -134,6 +134,17 @@ def test_errors_name_the_problem(tmp_path):
         WhisperEncoder.from_pretrained(tmp_path / "ok")
 
 
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    sd = {("" if k.startswith("lm_head.") else "model.") + k: v
+          for k, v in Qwen2(checkpoint.make_config(Qwen2Config, TEXT)).state_dict().items()}
+    assert Qwen2.from_pretrained(write_layout(tmp_path / "ok", sd, TEXT))
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(97, 64)  # a row too many: 96 in the config
+    bad = write_layout(tmp_path / "bad", sd, TEXT)
+    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: model.layers.1.mlp.up_proj.weight is \[97, 64\], "
+                                              r"Qwen2's layers.1.mlp.up_proj.weight is \[96, 64\]"):
+        Qwen2.from_pretrained(bad)
+
+
 def written(path, name, text):
     path.mkdir(exist_ok=True)
     (path / name).write_text(text)
