@@ -321,12 +321,16 @@ def load_state(file):
     """torch.load of a resume state, tensors and plain containers only: a checkpoint is shared between people, and a
     crafted one would otherwise run code when loaded. A file that holds anything else, or is cut short, is named."""
     try:
-        return torch.load(file, weights_only=True)
+        state = torch.load(file, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{file}: refused: it holds objects other than tensors, which loading would run as code "
                               f"(not a checkpoint this code wrote)") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{file}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    except Exception as e:  # torch.load fails on a corrupt file with whatever its parser meets: IndexError, KeyError, ...
+        reason = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e) else "")  # a KeyError's text is a bare 101
+        raise CheckpointError(f"{file}: cannot be read ({reason})") from e
+    if not isinstance(state, dict) or not {"optimizer", "rng"} <= state.keys():
+        raise CheckpointError(f"{file}: not a resume state (no optimizer and RNG state in it)")
+    return state
 
 
 def load_optimizer(state, stepper):
