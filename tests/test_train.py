@@ -127,6 +127,17 @@ def test_a_corrupt_resume_state_is_named(tmp_path):
             training.load_state(tmp_path / f"{name}.pt")
 
 
+def test_a_corrupt_meta_json_is_named(tmp_path):
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "meta.json").write_text('{"step": 3')
+    with pytest.raises(CheckpointError, match="cut/meta.json: not a JSON object"):
+        training.checkpoint_meta(str(tmp_path / "cut"))
+    (tmp_path / "typed.old").mkdir()  # a crash between save_checkpoint's renames left it there
+    (tmp_path / "typed.old" / "meta.json").write_text(json.dumps({"step": "3", "cursor": 6, "config": {}, "world": 1}))
+    with pytest.raises(CheckpointError, match=r"typed.old/meta.json: .*step: '3', not an int"):
+        training.checkpoint_meta(str(tmp_path / "typed"))
+
+
 def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
     base = write_config(tmp_path / "base.py", world, tmp_path / "base", steps=2, use_audio=False)
     run(["train_sft.py", base])
