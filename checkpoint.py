@@ -9,11 +9,11 @@ Every checkpoint layout video-SALMONN 2 meets, side by side: the key maps, the c
 
 Models are built on the meta device and the safetensors tensors assigned in place, so a 7B model is never
 held twice; a checkpoint that does not fit, or a file that is missing or cut short (a download that stopped),
-fails with a CheckpointError naming the file or the missing and unexpected keys.
+fails with a CheckpointError naming the file and the missing, unexpected or misshapen keys.
 """
 import json
 import os
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 
 import torch
 import torch.nn as nn
@@ -53,21 +53,27 @@ def read_config(path):
     if not os.path.exists(file):
         raise CheckpointError(f"{path}: no config.json (expected a checkpoint directory)" if os.path.isdir(path)
                               else f"{path}: no such checkpoint directory")
+    return read_json_object(file)
+
+
+def read_json_object(file):
+    """A JSON file that must hold an object (config.json, train_config.json, meta.json): one cut short, or holding a
+    list, is named in one line rather than failing later in the first .get()."""
     try:
         with open(file) as f:
-            return json.load(f)
+            d = json.load(f)
     except (ValueError, OSError) as e:
-        raise CheckpointError(f"{file}: not a JSON config ({e})") from e
+        raise CheckpointError(f"{file}: not a JSON object ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: not a JSON object (a {type(d).__name__})")
+    return d
 
 
 def train_config(path):
     """The settings a checkpoint was trained with (train_config.json, as our training scripts write it); {} for a
     checkpoint without them (a released one)."""
     file = os.path.join(path or "", "train_config.json")
-    if not os.path.exists(file):
-        return {}
-    with open(file) as f:
-        return json.load(f)
+    return read_json_object(file) if os.path.exists(file) else {}
 
 
 def trained_prompt(path):
@@ -119,7 +125,8 @@ def load_into(model, path, rename, dtype=None, device="cpu", only=None):
     only (a tuple of name prefixes) restricts the load to part of the model."""
     files = checkpoint_keys(path)
     wanted = {}
-    expected = {k for k in model.state_dict() if only is None or k.startswith(only)}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k for k in shapes if only is None or k.startswith(only)}
     for key, file in files.items():
         name = rename(key)
         if name is not None and name not in expected and name.rsplit(".", 1)[-1] in NON_PARAMETER_BUFFERS:
@@ -131,6 +138,12 @@ def load_into(model, path, rename, dtype=None, device="cpu", only=None):
     if missing or unexpected:
         raise CheckpointError(f"{path}: cannot load {type(model).__name__}: "
                          f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
+    for file, pairs in wanted.items():  # every shape checked before any tensor is read: no late failure at 7B
+        with open_safetensors(file) as f:
+            for key, name in pairs:
+                if (shape := tuple(f.get_slice(key).get_shape())) != shapes[name]:
+                    raise CheckpointError(f"{file}: {key} is {list(shape)}, {type(model).__name__}'s {name} is "
+                                          f"{list(shapes[name])} (weights for another config?)")
     state = {}
     for file, pairs in wanted.items():
         with open_safetensors(file, device) as f:
@@ -265,7 +278,7 @@ def av_config_from_hf(raw):
 
 def load_video_salmonn2(cls, path, dtype=None, device="cpu"):
     """A checkpoint in the released video-SALMONN 2 layout into cls (VideoSALMONN2)."""
-    cfg = av_config_from_hf(read_config(path))
+    _, cfg = model_config(path)
     with torch.device("meta"):
         model = cls(cfg)
     n_run = cfg.vision.keep_layers or cfg.vision.num_hidden_layers
@@ -499,13 +512,34 @@ def is_plus(raw):
 
 
 def model_config(path):
-    """(model class, config) of a checkpoint dir of either family, without loading weights."""
+    """(model class, config) of a checkpoint dir of either family, without loading weights; a config.json that does
+    not fit its family's config (a key missing, a value of another type: a hand-edited file) is named in one line."""
     from model import VideoSALMONN2
     from model_plus import PlusConfig, VideoSALMONN2Plus
     raw = read_config(path)
-    if not is_plus(raw):
-        return VideoSALMONN2, av_config_from_hf(raw)
-    return VideoSALMONN2Plus, PlusConfig.from_dict(raw["video_salmonn_2_plus"]) if "video_salmonn_2_plus" in raw else plus_config_from_hf(raw)
+    cls = VideoSALMONN2Plus if is_plus(raw) else VideoSALMONN2
+    try:
+        if cls is VideoSALMONN2:
+            cfg = av_config_from_hf(raw)
+        else:
+            cfg = PlusConfig.from_dict(raw["video_salmonn_2_plus"]) if "video_salmonn_2_plus" in raw else plus_config_from_hf(raw)
+        check_types(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: does not fit {cls.__name__}'s config "
+                              f"({type(e).__name__}: {e})") from e
+    return cls, cfg
+
+
+def check_types(cfg, prefix=""):
+    """Every field of a config dataclass (and of those nested in it) of its declared type, as JSON writes it (a list
+    for a tuple, an int for a float): the dataclasses check nothing, and a string size fails deep in torch."""
+    for f in fields(cfg):
+        value, name = getattr(cfg, f.name), prefix + f.name
+        if is_dataclass(f.type):
+            check_types(value, name + ".")
+        elif not isinstance(value, {float: (int, float), tuple: (list, tuple)}.get(f.type, f.type)) or (
+                isinstance(value, bool) and f.type is not bool):
+            raise TypeError(f"{name} must be {f.type.__name__}, got {value!r}")
 
 
 def load_model(path, dtype=None, device="cpu"):

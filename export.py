@@ -12,17 +12,16 @@ Export a trained video-SALMONN 2 or 2+ for serving:
 $ python export.py --ckpt=out/sft/ckpt --out=out/export     # a stage's training checkpoint: its init_from + trained weights
 $ python export.py --ckpt=out/sft/final --out=out/export    # any model dir in the released layout (a stage's final, MrDPO's final)
 """
-import json
 import os
 import shutil
 
 import torch
 
 import lora
-from checkpoint import load_model, save_hf_qwen2, save_hf_qwen25vl
+from checkpoint import load_model, read_json_object, save_hf_qwen2, save_hf_qwen25vl
 from config import UserError, configure, run
 from data import load_tokenizer
-from training import build_model, load_weights
+from training import build_model, load_weights, saved_settings
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # out_dir/ckpt of train_sft.py / train_align.py, or a model dir in the released layout
@@ -42,11 +41,7 @@ def load(path, tokenizer=""):
     if not os.path.exists(meta):
         tok = load_tokenizer(tokenizer or path)  # before the model: a missing tokenizer.json fails in a second
         return load_model(path), tok
-    try:
-        with open(meta) as f:
-            c = json.load(f)["config"]
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{meta}: not the meta.json of a training checkpoint ({e})") from e
+    c = saved_settings(read_json_object(meta), meta)
     torch.manual_seed(c["seed"])
     model, tok = build_model(c, torch.device("cpu"), dtype="float32", lora_dropout=0.0)
     load_weights(model, path)

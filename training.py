@@ -25,8 +25,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import lora
-from checkpoint import CheckpointError, load_model, read_config, train_config
-from config import UserError
+from checkpoint import CheckpointError, load_model, read_config, read_json_object, train_config
+from config import UserError, configure
 from data import SILENCE, Features, load_tokenizer, read_manifest, soundtrack_words
 from model import GROUP_OVERHEAD, AVConfig, VideoSALMONN2
 from model_plus import PlusConfig, VideoSALMONN2Plus, plus_tokens
@@ -295,10 +295,33 @@ def checkpoint_meta(path):
     """The meta of the checkpoint at path (or at path.old, after a crash between save_checkpoint's two renames),
     and where it is; (None, None) if there is none."""
     for p in (path, path + ".old"):
-        if os.path.exists(os.path.join(p, "meta.json")):
-            with open(os.path.join(p, "meta.json")) as f:
-                return json.load(f), p
+        file = os.path.join(p, "meta.json")
+        if os.path.exists(file):
+            meta = read_json_object(file)
+            bad = next((k for k in ("step", "cursor", "world") if type(meta.get(k)) is not int), None)
+            if bad:
+                raise CheckpointError(f"{file}: not the meta.json of a training checkpoint ({bad}: {meta.get(bad)!r}, "
+                                      f"not an int)")
+            return meta, p
     return None, None
+
+
+def saved_settings(meta, file):
+    """The settings a training checkpoint was written with (meta, its meta.json), to rebuild its model: every setting
+    above there, of its default's type as JSON keeps it (a list for a tuple, an int for a float; a None default is a
+    switch left to the checkpoint, so a bool)."""
+    c = meta.get("config")
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{file}: no config object (not the meta.json of a training checkpoint)")
+    kinds = {float: (int, float), tuple: (list, tuple), type(None): (bool, type(None))}
+    for key, default in configure(globals(), []).items():
+        kind = kinds.get(type(default), type(default))
+        if key not in c:
+            raise CheckpointError(f"{file}: its config has no {key!r} (written by another version of this code?)")
+        if not isinstance(c[key], kind) or (isinstance(c[key], bool) and type(default) in (int, float)):
+            want = "bool or None" if default is None else type(default).__name__
+            raise CheckpointError(f"{file}: its config's {key} must be {want}, got {c[key]!r}")
+    return c
 
 
 def load_weights(model, path):
@@ -321,12 +344,16 @@ def load_state(file):
     """torch.load of a resume state, tensors and plain containers only: a checkpoint is shared between people, and a
     crafted one would otherwise run code when loaded. A file that holds anything else, or is cut short, is named."""
     try:
-        return torch.load(file, weights_only=True)
+        state = torch.load(file, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{file}: refused: it holds objects other than tensors, which loading would run as code "
                               f"(not a checkpoint this code wrote)") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{file}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    except Exception as e:  # torch.load fails on a corrupt file with whatever its parser meets: IndexError, KeyError, ...
+        reason = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e) else "")  # a KeyError's text is a bare 101
+        raise CheckpointError(f"{file}: cannot be read ({reason})") from e
+    if not isinstance(state, dict) or not {"optimizer", "rng"} <= state.keys():
+        raise CheckpointError(f"{file}: not a resume state (no optimizer and RNG state in it)")
+    return state
 
 
 def load_optimizer(state, stepper):

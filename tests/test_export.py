@@ -12,7 +12,11 @@ from safetensors.torch import load_file
 from test_train import run, world, write_config  # noqa: F401 (world is a fixture)
 
 import checkpoint
+import export
 import model as M
+import training
+from checkpoint import CheckpointError
+from config import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,3 +84,21 @@ def test_export_of_a_model_dir_and_bad_checkpoint(exported, tmp_path):
     out = subprocess.run([sys.executable, "export.py", f"--ckpt={bad}", f"--out={tmp_path / 'x'}"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode != 0 and str(bad) in out.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_bad_meta_json_is_named_before_a_model_builds(tmp_path):
+    good = json.loads(json.dumps(configure(vars(training), [])))  # as meta.json holds the settings: tuples as lists
+    assert training.saved_settings({"config": good}, "meta.json") == good
+    cases = [("noseed", {k: v for k, v in good.items() if k != "seed"}, "its config has no 'seed'"),
+             ("typed", {**good, "lora_r": "8"}, "its config's lora_r must be int, got '8'"),
+             ("flag", {**good, "time_aligned": "yes"}, "its config's time_aligned must be bool or None, got 'yes'"),
+             ("nodict", [], "no config object")]
+    for name, c, match in cases:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"step": 3, "cursor": 6, "config": c, "world": 1}))
+        with pytest.raises(CheckpointError, match=f"{name}/meta.json: {match}"):
+            export.load(str(tmp_path / name))
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "meta.json").write_text('{"step": 3, "config"')
+    with pytest.raises(CheckpointError, match="cut/meta.json: not a JSON object"):
+        export.load(str(tmp_path / "cut"))

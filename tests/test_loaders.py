@@ -8,8 +8,9 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 from checkpoint import CheckpointError
-from encoders import SiglipVision, WhisperEncoder
-from model import Qwen2
+from encoders import SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
+from model import AVConfig, Qwen2, Qwen2Config
+from qformer import QFormerConfig
 
 TEXT = dict(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6)
@@ -131,3 +132,40 @@ def test_errors_name_the_problem(tmp_path):
         Qwen2.from_pretrained(write_layout(tmp_path / "extra", extra, config))
     with pytest.raises(ValueError, match="missing keys"):  # a Whisper dir is not a Qwen2 dir
         WhisperEncoder.from_pretrained(tmp_path / "ok")
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    sd = {("" if k.startswith("lm_head.") else "model.") + k: v
+          for k, v in Qwen2(checkpoint.make_config(Qwen2Config, TEXT)).state_dict().items()}
+    assert Qwen2.from_pretrained(write_layout(tmp_path / "ok", sd, TEXT))
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(97, 64)  # a row too many: 96 in the config
+    bad = write_layout(tmp_path / "bad", sd, TEXT)
+    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: model.layers.1.mlp.up_proj.weight is \[97, 64\], "
+                                              r"Qwen2's layers.1.mlp.up_proj.weight is \[96, 64\]"):
+        Qwen2.from_pretrained(bad)
+
+
+def written(path, name, text):
+    path.mkdir(exist_ok=True)
+    (path / name).write_text(text)
+    return path
+
+
+def test_malformed_config_and_train_config_are_named(tmp_path):
+    av = AVConfig(Qwen2Config(), checkpoint.make_config(SiglipVisionConfig, VISION), WhisperConfig(), QFormerConfig()).to_dict()
+    assert checkpoint.model_config(written(tmp_path / "ok", "config.json", json.dumps({"video_salmonn_2": av})))[1].pool == 2
+    with pytest.raises(CheckpointError, match=r"list/config.json: not a JSON object \(a list\)"):
+        checkpoint.model_config(written(tmp_path / "list", "config.json", "[1, 2]"))
+    typed = {**av, "llm": {**av["llm"], "hidden_size": "128"}}
+    with pytest.raises(CheckpointError, match=r"typed/config.json: .*llm.hidden_size must be int, got '128'"):
+        checkpoint.model_config(written(tmp_path / "typed", "config.json", json.dumps({"video_salmonn_2": typed})))
+    with pytest.raises(CheckpointError, match=r"plus/config.json: .*vision.depth must be int, got 3.5"):
+        checkpoint.model_config(written(tmp_path / "plus", "config.json", json.dumps({"model_type": "qwen2_5_vl",
+                                                                                      "vision_config": {"depth": 3.5}})))
+    with pytest.raises(CheckpointError, match=r"nokey/config.json: .*KeyError: 'qformer'"):
+        checkpoint.model_config(written(tmp_path / "nokey", "config.json",
+                                        json.dumps({"video_salmonn_2": {k: v for k, v in av.items() if k != "qformer"}})))
+    assert checkpoint.train_config(tmp_path / "ok") == {}  # a released checkpoint has none
+    for name, text in (("cut", '{"caption_prompt'), ("tclist", "[]")):
+        with pytest.raises(CheckpointError, match=f"{name}/train_config.json: not a JSON object"):
+            checkpoint.train_config(written(tmp_path / name, "train_config.json", text))

@@ -2,6 +2,7 @@
 run, every stage runs, and a bad clip is skipped and counted."""
 import json
 import os
+import random
 import runpy
 import socket
 import subprocess
@@ -11,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import training
+from checkpoint import CheckpointError
 from conftest import make_tokenizer
 from model import VideoSALMONN2
 from test_media import write_video, write_wav
@@ -110,6 +113,29 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     os.replace(tmp_path / "part" / "ckpt", tmp_path / "part" / "ckpt.old")  # as a crash between save_checkpoint's renames
     run(["train_sft.py", part, "--resume"])
     assert_same(final_weights(tmp_path / "full"), final_weights(tmp_path / "part"), atol=1e-6)
+
+
+def test_a_corrupt_resume_state_is_named(tmp_path):
+    """Whatever torch.load meets in a file that is no resume state: a CheckpointError naming the file."""
+    torch.save({"optimizer": {}, "rng": {}}, tmp_path / "ok.pt")
+    assert training.load_state(tmp_path / "ok.pt") == {"optimizer": {}, "rng": {}}
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")  # torch.load: KeyError
+    (tmp_path / "random.pt").write_bytes(random.Random(2).randbytes(3000))  # torch.load: IndexError
+    for name, reason in (("other", "not a resume state"), ("text", "cannot be read"), ("random", "cannot be read")):
+        with pytest.raises(CheckpointError, match=f"{name}.pt: {reason}"):
+            training.load_state(tmp_path / f"{name}.pt")
+
+
+def test_a_corrupt_meta_json_is_named(tmp_path):
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "meta.json").write_text('{"step": 3')
+    with pytest.raises(CheckpointError, match="cut/meta.json: not a JSON object"):
+        training.checkpoint_meta(str(tmp_path / "cut"))
+    (tmp_path / "typed.old").mkdir()  # a crash between save_checkpoint's renames left it there
+    (tmp_path / "typed.old" / "meta.json").write_text(json.dumps({"step": "3", "cursor": 6, "config": {}, "world": 1}))
+    with pytest.raises(CheckpointError, match=r"typed.old/meta.json: .*step: '3', not an int"):
+        training.checkpoint_meta(str(tmp_path / "typed"))
 
 
 def test_align_stage_and_bad_clip_is_skipped_and_counted(world, tmp_path):
