@@ -423,8 +423,20 @@ def encode_response(tok, text):
 
 
 def merge_results(path, metrics, seconds):
-    """Add {stage: metrics} and {stage: seconds} to a results file (written whole, then renamed)."""
-    res = json.load(open(path)) if os.path.exists(path) else {}
+    """Add {stage: metrics} and {stage: seconds} to a results file (written whole, then renamed). A file that is not
+    one (cut short, a merge conflict) is left as it is for its owner to mend, and the metrics, hours of work, go to
+    PATH.new.json instead, merged there likewise; then a UserError names both."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+        if not isinstance(res, dict) or not isinstance(res.get("seconds", {}), dict):
+            raise ValueError("not a JSON object of results")
+    except FileNotFoundError:
+        res = {}
+    except ValueError as e:
+        aside = path + ".new.json"
+        merge_results(aside, metrics, seconds)
+        raise UserError(f"{path}: cannot add to it ({e}); left as it is, this run's results are in {aside}") from e
     res.update(metrics)
     res.setdefault("seconds", {}).update({k: round(v, 1) for k, v in seconds.items()})
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -98,3 +98,18 @@ def test_manifest_as_one_json_list(tmp_path):
     items = read_manifest(tmp_path / "testset.json")
     assert len(items) == 1 and items[0]["prompt"] == "Describe." and items[0]["events"] == ["e1", "e2"]
     assert items[0]["line"].endswith("testset.json:1")
+
+
+@pytest.mark.parametrize("text", ['{"base": ', "[1, 2]", '{"seconds": [1]}'])
+def test_a_results_file_that_is_not_one_is_kept_and_the_metrics_go_aside(tmp_path, text):
+    from config import UserError
+    from data import merge_results
+    path = tmp_path / "results.json"
+    path.write_text(text)
+    for n in (1, 2):  # a second run against the same file adds to what the first put aside
+        with pytest.raises(UserError, match=r"results.json: cannot add to it .*results.json.new.json") as e:
+            merge_results(str(path), {f"stage{n}": {"acc": 0.5}}, {f"stage{n}": 12.34})
+        assert "\n" not in str(e.value)
+    assert path.read_text() == text
+    assert json.loads((tmp_path / "results.json.new.json").read_text()) == {
+        "stage1": {"acc": 0.5}, "stage2": {"acc": 0.5}, "seconds": {"stage1": 12.3, "stage2": 12.3}}
