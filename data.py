@@ -446,10 +446,11 @@ def merge_results(path, metrics, seconds):
     return res
 
 
-def read_records(path):
+def read_records(path, fields=None):
     """The records of a JSONL file that a run appends to as it goes (captions, MrDPO samples). A crash while appending
     (power loss, a full disk) can leave the last line cut off: it is dropped, the file rewritten without it, so its
-    item is made again. A bad line before the last is no crash's doing: a UserError naming it."""
+    item is made again. A bad line before the last is no crash's doing: a UserError naming it; so is a record that is
+    not an object with the fields ({key: type}) given."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -465,9 +466,13 @@ def read_records(path):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError as e:
             raise UserError(f"{path}:{n}: not a JSON record ({e}); delete the line to make its item again") from e
+        if fields and not (isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in fields.items())):
+            wanted = ", ".join(f"{k!r} ({t.__name__})" for k, t in fields.items())
+            raise UserError(f"{path}:{n}: not a record with {wanted}; delete the line to make its item again")
+        records.append(record)
     return records
 
 
