@@ -16,7 +16,7 @@ from functools import lru_cache
 import av
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 import torch.distributed as dist
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
@@ -215,10 +215,13 @@ def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None
                 raise MediaError(f"{p}: no such file")
         file = os.path.join(cache_dir, cache_key(path, audio_path, fingerprint, prep) + ".safetensors")
         if os.path.exists(file):
-            with safe_open(file, framework="pt") as f:
-                meta, names = f.metadata(), set(f.keys())
-                vis, aud = (f.get_tensor(k) if k in names else None for k in ("vision", "audio"))  # an item may lack either
-                return vis, aud, json.loads(meta["times"]), float(meta["duration"])
+            try:
+                with safe_open(file, framework="pt") as f:
+                    meta, names = f.metadata(), set(f.keys())
+                    vis, aud = (f.get_tensor(k) if k in names else None for k in ("vision", "audio"))  # an item may lack either
+                    return vis, aud, json.loads(meta["times"]), float(meta["duration"])
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:  # cut short by a copy, a full disk
+                log.warning("%s: unreadable cache entry (%s), computed again", file, e)
     media = load_media(path, audio_path, prep)
     vis, aud = (t if t is None else t.cpu().contiguous() for t in encode(media.frames, media.mel))
     if file:

@@ -38,6 +38,27 @@ def test_hit_skips_encoders_and_changed_key_misses(tmp_path):
     assert not [f for f in os.listdir(cache) if f.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("damage", ["cut", "empty", "no_metadata"])
+def test_an_unreadable_cache_entry_is_computed_again(tmp_path, caplog, damage):
+    """An entry cut short (a copy of the cache interrupted, a full disk) or not written by media_features is a miss:
+    computed again and rewritten, not the end of a training run."""
+    from safetensors.torch import save_file
+    video = write_video(tmp_path / "v.mp4", 2)
+    enc, cache = CountingEncoder(), str(tmp_path / "cache")
+    first = media_features(video, enc, "e", cache, **PREP)
+    (entry,) = [os.path.join(cache, f) for f in os.listdir(cache)]
+    if damage == "no_metadata":
+        save_file({"vision": torch.zeros(1)}, entry)
+    else:
+        data = open(entry, "rb").read()
+        open(entry, "wb").write(data[:len(data) // 2] if damage == "cut" else b"")
+    again = media_features(video, enc, "e", cache, **PREP)
+    assert enc.calls == 2 and torch.equal(first[0], again[0]) and first[2:] == again[2:]
+    assert "unreadable cache entry" in caplog.text and entry in caplog.text
+    media_features(video, enc, "e", cache, **PREP)
+    assert enc.calls == 2  # rewritten whole: a hit again
+
+
 def test_no_cache_dir_always_encodes_and_bad_files_fail_clearly(tmp_path):
     video = write_video(tmp_path / "v.mp4", 2)
     enc = CountingEncoder()
