@@ -663,7 +663,10 @@ def load_video_plus(path, interval=PLUS_INTERVAL, min_frames=PLUS_MIN_FRAMES, ma
     n = len(wanted)
     if n < max_frames:
         max_pixels = 0.95 * max_frames / n * max_pixels
-    pixels, grid = plus_pixel_values(frames, min_pixels, max_pixels)
+    try:
+        pixels, grid = plus_pixel_values(frames, min_pixels, max_pixels)
+    except ValueError as e:  # smart_resize refuses an aspect ratio over 200, as Qwen2-VL does
+        raise _media_error(path, e) from e
     return VideoPlus(pixels, grid, 2 / (n / duration), duration)
 
 
