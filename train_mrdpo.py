@@ -22,12 +22,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 import lora
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, open_safetensors
 from config import UserError, configure, run
 from data import Features, decode_response, merge_results, read_manifest, read_records
 from judge import JudgeError, LLMJudge, ToyJudge, rates, repetition_rate
@@ -248,6 +247,8 @@ def round_model(c, dev, t):
         path = os.path.join(c["out_dir"], f"round{s}", "proxy.safetensors")
         try:
             load_proxy(model, path)
+        except CheckpointError:  # a file that cannot be read, named as such: no talk of LoRA settings
+            raise
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: does not fit this run's LoRA (lora_r={c['lora_r']}, lora_targets="
                                   f"{tuple(c['lora_targets'])}; the round was trained with others?): {e}") from e
@@ -257,7 +258,8 @@ def round_model(c, dev, t):
 def load_proxy(model, path):
     """A round's trained weights: the LoRA proxy, exactly the model's adapter keys, and whatever else trains
     with it (2+: the merger and the Q-Former, as released)."""
-    state = load_file(path)
+    with open_safetensors(path) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
     lora.load_lora(model, path, {k: v for k, v in state.items() if "lora_" in k})
     rest = {k: v for k, v in state.items() if "lora_" not in k}
     unexpected = sorted(rest.keys() - dict(model.named_parameters()).keys())
@@ -341,7 +343,7 @@ def main(c):
                 save_file(proxy_state, proxy_path + ".tmp", metadata={"pairs": str(len(pairs))})
                 os.replace(proxy_path + ".tmp", proxy_path)
             barrier(world_size)
-        with safe_open(proxy_path, "pt") as f:
+        with open_safetensors(proxy_path) as f:
             n_pairs = int(f.metadata()["pairs"])
         model, tok = round_model(c, dev, t)  # unsharded on every rank, for generation
         val = evaluate_round(model, tok, c, judge, "val", rank, world_size)
