@@ -268,12 +268,28 @@ def load_proxy(model, path):
     model.load_state_dict(rest, strict=False)
 
 
+def eval_items(c, split):
+    """The caption items a round is evaluated on: the split's (val: its first val_items)."""
+    items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
+    return items[:c["val_items"]] if split == "val" and c["val_items"] else items
+
+
+def check_events(items, toy):
+    """Every caption item needs the atomic events its captions are judged against, for the toy judge the toy world's
+    (dicts with a "key"): checked up front, so a bad item fails the run in seconds, not rounds in."""
+    bad = [it["line"] for it in items if it.get("task") == "caption" and not (it.get("events") and (not toy or all(
+        isinstance(e, dict) and isinstance(e.get("key"), list) for e in it["events"])))]
+    if bad:
+        whose = ', for the toy judge the toy world\'s (dicts with a "key" list)' if toy else ""
+        more = f" (and {len(bad) - 1} more caption items)" if len(bad) > 1 else ""
+        raise UserError(f"{bad[0]}: a caption item needs events to judge its captions against{whose}{more}")
+
+
 def evaluate_round(model, tok, c, judge, split, rank, world_size):
     """Miss / Hall / Total of greedy captions of a split (val: its first val_items), each rank captioning a share,
     judged on rank 0 as the samples are (items the judge fails on are named and left out, as in eval.py; rates
     says over how many it judged). None on the other ranks."""
-    items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
-    items = items[:c["val_items"]] if split == "val" and c["val_items"] else items
+    items = eval_items(c, split)
     if not items:
         raise UserError(f"{c[f'{split}_data']}: no caption item to evaluate")
     dev = next(model.parameters()).device
@@ -304,12 +320,16 @@ def main(c):
     t_start = time.time()
     rank, world_size, dev = setup_distributed(c["device"])
     os.makedirs(c["out_dir"], exist_ok=True)
-    # the exact toy judge (the toy world's caption grammar) or the LLM judge, for the samples and each round's rates
-    judge = ToyJudge() if c["judge"] == "toy" else LLMJudge(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"),
-                                                            timeout=c["judge_timeout"])
+    if c["judge"] not in ("toy", "llm"):
+        raise UserError(f"judge={c['judge']!r}: toy (the toy world's exact judge) or llm (an OpenAI-compatible server)")
     train_items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
     if not any(it["task"] == "caption" for it in train_items):
         raise UserError(f"{c['train_data']}: no caption item to sample")
+    for items in (train_items, eval_items(c, "val"), eval_items(c, "test")):
+        check_events(items, c["judge"] == "toy")
+    # the exact toy judge (the toy world's caption grammar) or the LLM judge, for the samples and each round's rates
+    judge = ToyJudge() if c["judge"] == "toy" else LLMJudge(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"),
+                                                            timeout=c["judge_timeout"])
     history = []
     for t in range(1, c["rounds"] + 1):
         rdir = os.path.join(c["out_dir"], f"round{t}")

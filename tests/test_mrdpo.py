@@ -20,7 +20,7 @@ import lora
 import train_mrdpo
 import training
 from checkpoint import CheckpointError
-from config import configure
+from config import UserError, configure
 from conftest import write_crafted_state
 from data import Features, read_manifest
 from judge import ToyJudge
@@ -555,6 +555,30 @@ def fabricated(tmp_path, train=([EVENT],), val=([EVENT],), test=([EVENT],), **kw
     return mrdpo_config(tmp_path, tmp_path / "run", train_data=write_split(tmp_path / "train.jsonl", *train),
                         val_data=write_split(tmp_path / "val.jsonl", *val), test_data=write_split(tmp_path / "test.jsonl", *test),
                         init_from=str(tmp_path / "no_model"), **kw)
+
+
+@pytest.mark.parametrize("split,events,judge,where", [
+    ("train", [None], "toy", "train.jsonl:1"), ("train", [[EVENT], []], "llm", "train.jsonl:2"),
+    ("train", [["A red circle appears."]], "toy", "train.jsonl:1"), ("val", [None, [EVENT]], "toy", "val.jsonl:1"),
+    ("test", [None, None], "toy", "test.jsonl:1")])
+def test_caption_items_without_events_to_judge_are_named_up_front(tmp_path, split, events, judge, where):
+    """Each round judges the train samples and the val and test captions against their items' events; an item without
+    them (for the toy judge: without the toy world's keys) is named before any model loads, not rounds in."""
+    c = fabricated(tmp_path, **{split: events}, judge=judge)
+    with pytest.raises(UserError, match=f"{where}: a caption item needs events") as e:
+        train_mrdpo.main(c)
+    assert ("for the toy judge" in str(e.value)) == (judge == "toy") and ("1 more" in str(e.value)) == (split == "test")
+
+
+def test_sentences_as_events_go_to_the_llm_judge_and_another_judge_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # never asked: the run stops at the model
+    monkeypatch.setattr(train_mrdpo, "round_model", mock.Mock(side_effect=CheckpointError("no model: checks passed")))
+    sentences = (["A red circle appears."],)
+    with pytest.raises(CheckpointError, match="checks passed"):
+        train_mrdpo.main(fabricated(tmp_path, train=sentences, val=sentences, test=sentences, judge="llm"))
+    with pytest.raises(UserError, match="judge='tyo': toy .* or llm"):
+        train_mrdpo.main(fabricated(tmp_path, judge="tyo"))
 
 
 def test_a_cut_off_proxy_is_named_as_unreadable(tmp_path, monkeypatch):
