@@ -473,7 +473,8 @@ def read_records(path, fields=None):
         except ValueError as e:
             raise UserError(f"{path}:{n}: not a JSON record ({e}); delete the line to make its item again") from e
         if fields and not (isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in fields.items())):
-            wanted = ", ".join(f"{k!r} ({t.__name__})" for k, t in fields.items())
+            kinds = {k: " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,))) for k, t in fields.items()}
+            wanted = ", ".join(f"{k!r} ({kind})" for k, kind in kinds.items())
             raise UserError(f"{path}:{n}: not a record with {wanted}; delete the line to make its item again")
         records.append(record)
     return records

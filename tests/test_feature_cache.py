@@ -134,3 +134,15 @@ def test_a_results_file_that_is_not_one_is_kept_and_the_metrics_go_aside(tmp_pat
     assert path.read_text() == text
     assert json.loads((tmp_path / "results.json.new.json").read_text()) == {
         "stage1": {"acc": 0.5}, "stage2": {"acc": 0.5}, "seconds": {"stage1": 12.3, "stage2": 12.3}}
+
+
+def test_read_records_names_a_record_without_the_fields_asked_for(tmp_path):
+    from config import UserError
+    from data import read_records
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"id": 3, "caption": "a"}\n\n{"id": "b", "caption": "b"}\n{"id": [1], "caption": "c"}\n')
+    fields = {"id": (str, int), "caption": str}
+    with pytest.raises(UserError, match=r"captions.jsonl:4: not a record with 'id' \(str or int\), 'caption' \(str\)"):
+        read_records(str(path), fields)
+    path.write_text('{"id": 3, "caption": "a"}\n\n{"id": "b", "caption": "b"}\n')
+    assert [r["id"] for r in read_records(str(path), fields)] == [3, "b"]
