@@ -69,7 +69,7 @@ def main(argv):
         raise UserError(f"--video={c['video']}: no video files there")
     if c["audio"] and len(videos) != 1:
         raise UserError(f"--audio={c['audio']}: goes with a single video, --video={c['video']} names {len(videos)}")
-    done = {r["video"] for r in read_records(c["out"])} if c["out"] else set()
+    done = {r["video"] for r in read_records(c["out"], {"video": str})} if c["out"] else set()
     todo = [v for v in videos if v not in done]
     prep = model_config(c["ckpt"])[1].media_prep(c["fps"], c["max_frames"])  # the family's preprocessing (config.json)
     started, bad = {}, []

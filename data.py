@@ -16,7 +16,7 @@ from functools import lru_cache
 import av
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 import torch.distributed as dist
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
@@ -215,10 +215,13 @@ def media_features(path, encode, fingerprint="", cache_dir=None, audio_path=None
                 raise MediaError(f"{p}: no such file")
         file = os.path.join(cache_dir, cache_key(path, audio_path, fingerprint, prep) + ".safetensors")
         if os.path.exists(file):
-            with safe_open(file, framework="pt") as f:
-                meta, names = f.metadata(), set(f.keys())
-                vis, aud = (f.get_tensor(k) if k in names else None for k in ("vision", "audio"))  # an item may lack either
-                return vis, aud, json.loads(meta["times"]), float(meta["duration"])
+            try:
+                with safe_open(file, framework="pt") as f:
+                    meta, names = f.metadata(), set(f.keys())
+                    vis, aud = (f.get_tensor(k) if k in names else None for k in ("vision", "audio"))  # an item may lack either
+                    return vis, aud, json.loads(meta["times"]), float(meta["duration"])
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:  # cut short by a copy, a full disk
+                log.warning("%s: unreadable cache entry (%s), computed again", file, e)
     media = load_media(path, audio_path, prep)
     vis, aud = (t if t is None else t.cpu().contiguous() for t in encode(media.frames, media.mel))
     if file:
@@ -423,8 +426,20 @@ def encode_response(tok, text):
 
 
 def merge_results(path, metrics, seconds):
-    """Add {stage: metrics} and {stage: seconds} to a results file (written whole, then renamed)."""
-    res = json.load(open(path)) if os.path.exists(path) else {}
+    """Add {stage: metrics} and {stage: seconds} to a results file (written whole, then renamed). A file that is not
+    one (cut short, a merge conflict) is left as it is for its owner to mend, and the metrics, hours of work, go to
+    PATH.new.json instead, merged there likewise; then a UserError names both."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+        if not isinstance(res, dict) or not isinstance(res.get("seconds", {}), dict):
+            raise ValueError("not a JSON object of results")
+    except FileNotFoundError:
+        res = {}
+    except ValueError as e:
+        aside = path + ".new.json"
+        merge_results(aside, metrics, seconds)
+        raise UserError(f"{path}: cannot add to it ({e}); left as it is, this run's results are in {aside}") from e
     res.update(metrics)
     res.setdefault("seconds", {}).update({k: round(v, 1) for k, v in seconds.items()})
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -434,10 +449,11 @@ def merge_results(path, metrics, seconds):
     return res
 
 
-def read_records(path):
+def read_records(path, fields=None):
     """The records of a JSONL file that a run appends to as it goes (captions, MrDPO samples). A crash while appending
     (power loss, a full disk) can leave the last line cut off: it is dropped, the file rewritten without it, so its
-    item is made again. A bad line before the last is no crash's doing: a UserError naming it."""
+    item is made again. A bad line before the last is no crash's doing: a UserError naming it; so is a record that is
+    not an object with the fields ({key: type}) given."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -453,9 +469,14 @@ def read_records(path):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError as e:
             raise UserError(f"{path}:{n}: not a JSON record ({e}); delete the line to make its item again") from e
+        if fields and not (isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in fields.items())):
+            kinds = {k: " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,))) for k, t in fields.items()}
+            wanted = ", ".join(f"{k!r} ({kind})" for k, kind in kinds.items())
+            raise UserError(f"{path}:{n}: not a record with {wanted}; delete the line to make its item again")
+        records.append(record)
     return records
 
 
@@ -643,7 +664,10 @@ def load_video_plus(path, interval=PLUS_INTERVAL, min_frames=PLUS_MIN_FRAMES, ma
     n = len(wanted)
     if n < max_frames:
         max_pixels = 0.95 * max_frames / n * max_pixels
-    pixels, grid = plus_pixel_values(frames, min_pixels, max_pixels)
+    try:
+        pixels, grid = plus_pixel_values(frames, min_pixels, max_pixels)
+    except ValueError as e:  # smart_resize refuses an aspect ratio over 200, as Qwen2-VL does
+        raise _media_error(path, e) from e
     return VideoPlus(pixels, grid, 2 / (n / duration), duration)
 
 

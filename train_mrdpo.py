@@ -22,12 +22,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 import lora
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, open_safetensors
 from config import UserError, configure, run
 from data import Features, decode_response, merge_results, read_manifest, read_records
 from judge import JudgeError, LLMJudge, ToyJudge, rates, repetition_rate
@@ -248,6 +247,8 @@ def round_model(c, dev, t):
         path = os.path.join(c["out_dir"], f"round{s}", "proxy.safetensors")
         try:
             load_proxy(model, path)
+        except CheckpointError:  # a file that cannot be read, named as such: no talk of LoRA settings
+            raise
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: does not fit this run's LoRA (lora_r={c['lora_r']}, lora_targets="
                                   f"{tuple(c['lora_targets'])}; the round was trained with others?): {e}") from e
@@ -257,7 +258,8 @@ def round_model(c, dev, t):
 def load_proxy(model, path):
     """A round's trained weights: the LoRA proxy, exactly the model's adapter keys, and whatever else trains
     with it (2+: the merger and the Q-Former, as released)."""
-    state = load_file(path)
+    with open_safetensors(path) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
     lora.load_lora(model, path, {k: v for k, v in state.items() if "lora_" in k})
     rest = {k: v for k, v in state.items() if "lora_" not in k}
     unexpected = sorted(rest.keys() - dict(model.named_parameters()).keys())
@@ -266,12 +268,28 @@ def load_proxy(model, path):
     model.load_state_dict(rest, strict=False)
 
 
+def eval_items(c, split):
+    """The caption items a round is evaluated on: the split's (val: its first val_items)."""
+    items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
+    return items[:c["val_items"]] if split == "val" and c["val_items"] else items
+
+
+def check_events(items, toy):
+    """Every caption item needs the atomic events its captions are judged against, for the toy judge the toy world's
+    (dicts with a "key"): checked up front, so a bad item fails the run in seconds, not rounds in."""
+    bad = [it["line"] for it in items if it.get("task") == "caption" and not (it.get("events") and (not toy or all(
+        isinstance(e, dict) and isinstance(e.get("key"), list) for e in it["events"])))]
+    if bad:
+        whose = ', for the toy judge the toy world\'s (dicts with a "key" list)' if toy else ""
+        more = f" (and {len(bad) - 1} more caption items)" if len(bad) > 1 else ""
+        raise UserError(f"{bad[0]}: a caption item needs events to judge its captions against{whose}{more}")
+
+
 def evaluate_round(model, tok, c, judge, split, rank, world_size):
     """Miss / Hall / Total of greedy captions of a split (val: its first val_items), each rank captioning a share,
     judged on rank 0 as the samples are (items the judge fails on are named and left out, as in eval.py; rates
     says over how many it judged). None on the other ranks."""
-    items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
-    items = items[:c["val_items"]] if split == "val" and c["val_items"] else items
+    items = eval_items(c, split)
     if not items:
         raise UserError(f"{c[f'{split}_data']}: no caption item to evaluate")
     dev = next(model.parameters()).device
@@ -302,12 +320,16 @@ def main(c):
     t_start = time.time()
     rank, world_size, dev = setup_distributed(c["device"])
     os.makedirs(c["out_dir"], exist_ok=True)
-    # the exact toy judge (the toy world's caption grammar) or the LLM judge, for the samples and each round's rates
-    judge = ToyJudge() if c["judge"] == "toy" else LLMJudge(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"),
-                                                            timeout=c["judge_timeout"])
+    if c["judge"] not in ("toy", "llm"):
+        raise UserError(f"judge={c['judge']!r}: toy (the toy world's exact judge) or llm (an OpenAI-compatible server)")
     train_items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
     if not any(it["task"] == "caption" for it in train_items):
         raise UserError(f"{c['train_data']}: no caption item to sample")
+    for items in (train_items, eval_items(c, "val"), eval_items(c, "test")):
+        check_events(items, c["judge"] == "toy")
+    # the exact toy judge (the toy world's caption grammar) or the LLM judge, for the samples and each round's rates
+    judge = ToyJudge() if c["judge"] == "toy" else LLMJudge(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"),
+                                                            timeout=c["judge_timeout"])
     history = []
     for t in range(1, c["rounds"] + 1):
         rdir = os.path.join(c["out_dir"], f"round{t}")
@@ -341,7 +363,7 @@ def main(c):
                 save_file(proxy_state, proxy_path + ".tmp", metadata={"pairs": str(len(pairs))})
                 os.replace(proxy_path + ".tmp", proxy_path)
             barrier(world_size)
-        with safe_open(proxy_path, "pt") as f:
+        with open_safetensors(proxy_path) as f:
             n_pairs = int(f.metadata()["pairs"])
         model, tok = round_model(c, dev, t)  # unsharded on every rank, for generation
         val = evaluate_round(model, tok, c, judge, "val", rank, world_size)

@@ -8,7 +8,8 @@ $ python train_sft.py --help                                     # every setting
 Config files are Python by design (nanoGPT's convention): plain assignments, run with runpy. So only a positional
 argument ending in .py is run as one; anything else is a usage error (a video given without --video= is never run
 as Python). A value is parsed with ast.literal_eval, falling back to the raw string. Every key must exist in the
-script with a value of the same type (an int may set a float), so a typo fails loudly instead of being ignored.
+script with a value of the same type (an int may set a float, a bool sets neither; a None default takes True, False
+or None), so a typo fails loudly instead of being ignored.
 
 run(main) is every script's entry point: a UserError (a missing or unreadable file, a bad setting or manifest, a
 checkpoint that does not fit) ends the run with one line naming the file or item, and exit status 2, no traceback.
@@ -63,7 +64,7 @@ def configure(g, argv):
                 value = text
             _set(g, keys, key, value, arg)
         elif arg.endswith(".py"):
-            for key, value in _run_config(arg).items():
+            for key, value in run_config(arg).items():
                 if not key.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
                     _set(g, keys, key, value, arg)
         else:
@@ -71,7 +72,10 @@ def configure(g, argv):
     return {k: g[k] for k in keys}
 
 
-def _run_config(path):
+def run_config(path):
+    """The names a config file sets; only a .py file is run, so a mistyped path never executes a video or a YAML file."""
+    if not path.endswith(".py"):
+        raise UserError(f"{path}: not a config file (a .py file)")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such config file")
     try:
@@ -86,8 +90,14 @@ def _set(g, keys, key, value, source):
     if key not in keys:
         raise UserError(f"{source}: unknown config key {key!r}")
     default = g[key]
-    if default is not None and not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
-        raise UserError(f"{source}: {key} must be {type(default).__name__}, got {value!r}")
+    if default is None:  # a switch the checkpoint decides unless set (time_aligned, snap_audio)
+        ok, kind = value is None or isinstance(value, bool), "True, False or None"
+    else:  # a bool is an int to Python but never a count or a rate: --steps=True is a mistake
+        ok = isinstance(value, (int, float) if isinstance(default, float) else type(default)) \
+            and isinstance(value, bool) == isinstance(default, bool)
+        kind = type(default).__name__
+    if not ok:
+        raise UserError(f"{source}: {key} must be {kind}, got {value!r}")
     g[key] = float(value) if isinstance(default, float) else value
 
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from config import UserError, configure, usage
+from config import UserError, configure, run_config, usage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,8 +17,8 @@ def test_files_then_flags_override_in_order(tmp_path):
     f = tmp_path / "cfg.py"
     f.write_text("import math\nlr = 3e-4\nsteps = 20\n_private = 1\n")
     g = defaults()
-    resolved = configure(g, [str(f), "--steps=30", "--name=real run", "--greedy", "--lr=1", "--device=cuda"])
-    assert resolved == {"lr": 1.0, "steps": 30, "name": "real run", "greedy": True, "targets": ("q_proj",), "device": "cuda"}
+    resolved = configure(g, [str(f), "--steps=30", "--name=real run", "--greedy", "--lr=1", "--device=False"])
+    assert resolved == {"lr": 1.0, "steps": 30, "name": "real run", "greedy": True, "targets": ("q_proj",), "device": False}
     with pytest.raises(UserError, match="unknown config key 'PEAK'"):  # module facts are not overridable
         configure(defaults(), ["--PEAK={}"])
     assert isinstance(g["lr"], float)
@@ -37,7 +37,10 @@ def test_key_space_value_as_well_as_key_equals_value():
 
 
 @pytest.mark.parametrize("arg,msg", [("--stpes=3", "unknown config key 'stpes'"), ("--steps=3.5", "steps must be int"),
-                                     ("--greedy=yes", "greedy must be bool"), ("--stpes", "unknown config key 'stpes'")])
+                                     ("--greedy=yes", "greedy must be bool"), ("--stpes", "unknown config key 'stpes'"),
+                                     ("--steps=True", "steps must be int"), ("--lr=False", "lr must be float"),
+                                     ("--greedy=1", "greedy must be bool"), ("--device=yes", "device must be True, False or None"),
+                                     ("--device=1", "device must be True, False or None")])
 def test_mistakes_fail_loudly(arg, msg):
     with pytest.raises(UserError, match=msg):
         configure(defaults(), [arg])
@@ -50,6 +53,9 @@ def test_only_a_py_file_is_run_as_a_config(tmp_path):
     clip.write_text(f"import os\nos.mkdir({str(marker)!r})\n")  # valid Python: it would run if it were executed
     with pytest.raises(UserError, match="clip.mp4: not a setting"):
         configure(defaults(), [str(clip)])
+    assert not marker.exists()
+    with pytest.raises(UserError, match="clip.mp4: not a config file"):  # what scripts reading a --config call
+        run_config(str(clip))
     assert not marker.exists()
     with pytest.raises(UserError, match="nowhere.py: no such config file"):
         configure(defaults(), [str(tmp_path / "nowhere.py")])

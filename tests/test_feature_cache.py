@@ -38,6 +38,27 @@ def test_hit_skips_encoders_and_changed_key_misses(tmp_path):
     assert not [f for f in os.listdir(cache) if f.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("damage", ["cut", "empty", "no_metadata"])
+def test_an_unreadable_cache_entry_is_computed_again(tmp_path, caplog, damage):
+    """An entry cut short (a copy of the cache interrupted, a full disk) or not written by media_features is a miss:
+    computed again and rewritten, not the end of a training run."""
+    from safetensors.torch import save_file
+    video = write_video(tmp_path / "v.mp4", 2)
+    enc, cache = CountingEncoder(), str(tmp_path / "cache")
+    first = media_features(video, enc, "e", cache, **PREP)
+    (entry,) = [os.path.join(cache, f) for f in os.listdir(cache)]
+    if damage == "no_metadata":
+        save_file({"vision": torch.zeros(1)}, entry)
+    else:
+        data = open(entry, "rb").read()
+        open(entry, "wb").write(data[:len(data) // 2] if damage == "cut" else b"")
+    again = media_features(video, enc, "e", cache, **PREP)
+    assert enc.calls == 2 and torch.equal(first[0], again[0]) and first[2:] == again[2:]
+    assert "unreadable cache entry" in caplog.text and entry in caplog.text
+    media_features(video, enc, "e", cache, **PREP)
+    assert enc.calls == 2  # rewritten whole: a hit again
+
+
 def test_no_cache_dir_always_encodes_and_bad_files_fail_clearly(tmp_path):
     video = write_video(tmp_path / "v.mp4", 2)
     enc = CountingEncoder()
@@ -98,3 +119,30 @@ def test_manifest_as_one_json_list(tmp_path):
     items = read_manifest(tmp_path / "testset.json")
     assert len(items) == 1 and items[0]["prompt"] == "Describe." and items[0]["events"] == ["e1", "e2"]
     assert items[0]["line"].endswith("testset.json:1")
+
+
+@pytest.mark.parametrize("text", ['{"base": ', "[1, 2]", '{"seconds": [1]}'])
+def test_a_results_file_that_is_not_one_is_kept_and_the_metrics_go_aside(tmp_path, text):
+    from config import UserError
+    from data import merge_results
+    path = tmp_path / "results.json"
+    path.write_text(text)
+    for n in (1, 2):  # a second run against the same file adds to what the first put aside
+        with pytest.raises(UserError, match=r"results.json: cannot add to it .*results.json.new.json") as e:
+            merge_results(str(path), {f"stage{n}": {"acc": 0.5}}, {f"stage{n}": 12.34})
+        assert "\n" not in str(e.value)
+    assert path.read_text() == text
+    assert json.loads((tmp_path / "results.json.new.json").read_text()) == {
+        "stage1": {"acc": 0.5}, "stage2": {"acc": 0.5}, "seconds": {"stage1": 12.3, "stage2": 12.3}}
+
+
+def test_read_records_names_a_record_without_the_fields_asked_for(tmp_path):
+    from config import UserError
+    from data import read_records
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"id": 3, "caption": "a"}\n\n{"id": "b", "caption": "b"}\n{"id": [1], "caption": "c"}\n')
+    fields = {"id": (str, int), "caption": str}
+    with pytest.raises(UserError, match=r"captions.jsonl:4: not a record with 'id' \(str or int\), 'caption' \(str\)"):
+        read_records(str(path), fields)
+    path.write_text('{"id": 3, "caption": "a"}\n\n{"id": "b", "caption": "b"}\n')
+    assert [r["id"] for r in read_records(str(path), fields)] == [3, "b"]

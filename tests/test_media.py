@@ -1,4 +1,5 @@
 """The PyAV media pipeline on small videos written with PyAV: frame sampling, pixels, audio, and broken files."""
+import json
 import logging
 import wave
 
@@ -172,3 +173,15 @@ def test_broken_files_raise_one_clear_error(tmp_path):
         assert path.name in msg and "\n" not in msg, msg
     with pytest.raises(MediaError, match="nowhere.wav"):  # a missing separate audio file
         load_video(write_video(tmp_path / "ok.mp4", 1, tone=None), audio_path=tmp_path / "nowhere.wav")
+
+
+@pytest.mark.parametrize("line", ['{"caption": "z"}', "[1, 2]", '{"video": ["a.mp4"], "caption": "z"}'])
+def test_caption_out_with_a_line_not_a_caption_record_is_named(tmp_path, line):
+    """--out is read back to skip the videos already captioned: a line that is no {"video": ...} record is named
+    (file and line) before any checkpoint or video is read."""
+    import caption
+    from config import UserError
+    out = tmp_path / "caps.jsonl"
+    out.write_text(json.dumps({"video": "a.mp4", "caption": "x"}) + "\n" + line + "\n")
+    with pytest.raises(UserError, match=r"caps.jsonl:2: not a record with 'video' \(str\)"):
+        caption.main([f"--ckpt={tmp_path / 'no_ckpt'}", f"--video={tmp_path / 'a.mp4'}", f"--out={out}"])

@@ -180,3 +180,12 @@ def test_chat_format_plus(tmp_path):
     ids = lambda s: tok.encode(s, add_special_tokens=False).ids
     assert before + ids(block) + after + response == ids(system) + ids(user) + ids(assistant)
     assert response == ids(assistant)[len(ids("<|im_start|>assistant\n")):]
+
+
+def test_a_video_too_thin_for_qwen2_vl_is_a_media_error(tmp_path):
+    """Qwen2-VL's resize refuses an aspect ratio over 200: a video of one is unusable, named like any other."""
+    from data import MediaError, load_media
+    clip = tmp_path / "thin.mp4"
+    write_clip(clip, 1.0, size=(804, 2))
+    with pytest.raises(MediaError, match="thin.mp4: aspect ratio 402 over 200"):
+        load_media(clip, None, {"plus": True, "min_frames": 4, "max_frames": 16})

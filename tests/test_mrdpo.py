@@ -20,7 +20,7 @@ import lora
 import train_mrdpo
 import training
 from checkpoint import CheckpointError
-from config import configure
+from config import UserError, configure
 from conftest import write_crafted_state
 from data import Features, read_manifest
 from judge import ToyJudge
@@ -533,3 +533,66 @@ def test_videos_per_round_samples_a_seeded_subset(direct, tmp_path):
     data = Features(model, tok, seen[2]["items"], fps=c["fps"], max_frames=c["max_frames"], cache_dir=c["cache_dir"])
     train_mrdpo.sample_and_judge(model, tok, data, str(tmp_path), c, 2, 0, 1, ToyJudge())
     assert (tmp_path / "samples_rank0.jsonl").read_text() == samples[2]
+
+
+# -----------------------------------------------------------------------------
+# bad input: fabricated runs that stop before any model loads
+
+
+EVENT = {"text": "A red circle appears.", "type": "visual", "key": ["appear", "red", "circle"]}
+
+
+def write_split(path, *events):
+    """A manifest of one caption item per entry of events (None: an item without the field) and a QA item."""
+    items = [{"video": "v.mp4", "prompt": "Describe.", "response": "A red circle appears.", "task": "caption",
+              **({} if e is None else {"events": e})} for e in events]
+    items.append({"video": "v.mp4", "prompt": "How many?", "response": "A", "task": "qa"})
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    return str(path)
+
+
+def fabricated(tmp_path, train=([EVENT],), val=([EVENT],), test=([EVENT],), **kw):
+    return mrdpo_config(tmp_path, tmp_path / "run", train_data=write_split(tmp_path / "train.jsonl", *train),
+                        val_data=write_split(tmp_path / "val.jsonl", *val), test_data=write_split(tmp_path / "test.jsonl", *test),
+                        init_from=str(tmp_path / "no_model"), **kw)
+
+
+@pytest.mark.parametrize("split,events,judge,where", [
+    ("train", [None], "toy", "train.jsonl:1"), ("train", [[EVENT], []], "llm", "train.jsonl:2"),
+    ("train", [["A red circle appears."]], "toy", "train.jsonl:1"), ("val", [None, [EVENT]], "toy", "val.jsonl:1"),
+    ("test", [None, None], "toy", "test.jsonl:1")])
+def test_caption_items_without_events_to_judge_are_named_up_front(tmp_path, split, events, judge, where):
+    """Each round judges the train samples and the val and test captions against their items' events; an item without
+    them (for the toy judge: without the toy world's keys) is named before any model loads, not rounds in."""
+    c = fabricated(tmp_path, **{split: events}, judge=judge)
+    with pytest.raises(UserError, match=f"{where}: a caption item needs events") as e:
+        train_mrdpo.main(c)
+    assert ("for the toy judge" in str(e.value)) == (judge == "toy") and ("1 more" in str(e.value)) == (split == "test")
+
+
+def test_sentences_as_events_go_to_the_llm_judge_and_another_judge_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # never asked: the run stops at the model
+    monkeypatch.setattr(train_mrdpo, "round_model", mock.Mock(side_effect=CheckpointError("no model: checks passed")))
+    sentences = (["A red circle appears."],)
+    with pytest.raises(CheckpointError, match="checks passed"):
+        train_mrdpo.main(fabricated(tmp_path, train=sentences, val=sentences, test=sentences, judge="llm"))
+    with pytest.raises(UserError, match="judge='tyo': toy .* or llm"):
+        train_mrdpo.main(fabricated(tmp_path, judge="tyo"))
+
+
+def test_a_cut_off_proxy_is_named_as_unreadable(tmp_path, monkeypatch):
+    """A round's proxy.safetensors copied in part (a run moved between machines) is named as a file that cannot be
+    read, where it is read: evaluating its round, and rebuilding a later round's model; never a SafetensorError."""
+    c = fabricated(tmp_path, rounds=2)
+    proxy = tmp_path / "run" / "round1" / "proxy.safetensors"
+    proxy.parent.mkdir(parents=True)
+    m = lora_model()
+    save_file({n: p.detach() for n, p in m.named_parameters() if "lora_" in n}, str(proxy), metadata={"pairs": "3"})
+    proxy.write_bytes(proxy.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="round1/proxy.safetensors: cannot be read"):
+        train_mrdpo.main(c)
+    monkeypatch.setattr(train_mrdpo, "build_model", lambda c, dev: (m, None))
+    with pytest.raises(CheckpointError, match="round1/proxy.safetensors: cannot be read") as e:
+        train_mrdpo.round_model(c, torch.device("cpu"), 1)
+    assert "does not fit" not in str(e.value)

@@ -387,3 +387,25 @@ def test_written_soundtracks_keep_what_is_seen_and_draw_what_is_heard(out):
                 assert [e["start"] for e in w["events"]] == sorted(e["start"] for e in w["events"])
         drawn = [tuple(tuple(e["key"]) for e in w["events"] if e["type"] != "visual") for w in written]
         assert len(set(drawn)) > len(drawn) // 2  # soundtracks differ from each other
+
+
+def test_pretrain_encoders_runs_only_a_py_config(tmp_path):
+    """--config names a file whose arch is read: anything but a .py file is refused, never run as Python."""
+    from unittest import mock
+
+    from config import UserError
+    marker = tmp_path / "ran"
+    yaml = tmp_path / "arch.yaml"
+    yaml.write_text(f"import os\nos.mkdir({str(marker)!r})\n")  # valid Python: it would run if it were executed
+    (tmp_path / "noarch.py").write_text("steps = 3\n")
+    script = os.path.join(ROOT, "data", "toyav", "pretrain_encoders.py")
+    with mock.patch.dict(sys.modules), mock.patch.object(sys, "path", [os.path.dirname(script), *sys.path]):
+        spec = importlib.util.spec_from_file_location("pretrain_encoders", script)  # imports prepare.py beside it
+        pretrain = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pretrain)
+    out = ["--out", str(tmp_path / "enc.safetensors")]
+    with pytest.raises(UserError, match="arch.yaml: not a config file"):
+        pretrain.main(["--config", str(yaml), *out])
+    assert not marker.exists()
+    with pytest.raises(UserError, match="noarch.py: sets no arch"):
+        pretrain.main(["--config", str(tmp_path / "noarch.py"), *out])

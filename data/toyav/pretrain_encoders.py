@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import runpy
 import sys
 import time
 
@@ -37,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 import prepare as world  # noqa: E402  the toy world's generator, next to this file
+from config import UserError, run, run_config  # noqa: E402
 from data import load_tokenizer, log_mel_spectrogram, merge_results  # noqa: E402
 from encoders import SAMPLE_RATE, SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder  # noqa: E402
 from training import lr_at  # noqa: E402
@@ -283,15 +283,17 @@ def content_hash(data_dir, arch, scale_steps):
     return h.hexdigest()[:16], meta["seed"]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Pretrain the toy world's SigLIP tower and Whisper encoder.")
     parser.add_argument("--data", default=HERE, help="the toy world's directory (its tokenizer and meta.json)")
     parser.add_argument("--config", default=os.path.join(ROOT, "config", "toy_vision.py"), help="holds the toy arch")
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "toy", "encoders.safetensors"))
     parser.add_argument("--steps_scale", type=float, default=1.0, help="a fraction of the steps, for tests")
     parser.add_argument("--results", default="", help="a results.json to add the metrics and seconds to")
-    args = parser.parse_args()
-    arch = runpy.run_path(args.config)["arch"]
+    args = parser.parse_args(argv)
+    arch = run_config(args.config).get("arch")
+    if not isinstance(arch, dict):
+        raise UserError(f"{args.config}: sets no arch dict (the toy model's shapes, as config/toy_vision.py)")
     digest, seed = content_hash(args.data, arch, args.steps_scale)
     if os.path.exists(args.out):
         with safe_open(args.out, "pt") as f:
@@ -322,4 +324,4 @@ def record(path, metrics, seconds):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
