@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 import lora
-from checkpoint import CheckpointError, open_safetensors
+from checkpoint import CheckpointError, open_safetensors, read_config
 from config import UserError, configure, run
 from data import Features, decode_response, merge_results, read_manifest, read_records
 from judge import JudgeError, LLMJudge, ToyJudge, rates, repetition_rate
@@ -322,6 +322,7 @@ def main(c):
     os.makedirs(c["out_dir"], exist_ok=True)
     if c["judge"] not in ("toy", "llm"):
         raise UserError(f"judge={c['judge']!r}: toy (the toy world's exact judge) or llm (an OpenAI-compatible server)")
+    read_config(c["init_from"])  # a missing model is named before any manifest, all read long before it loads
     train_items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
     if not any(it["task"] == "caption" for it in train_items):
         raise UserError(f"{c['train_data']}: no caption item to sample")
