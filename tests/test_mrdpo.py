@@ -552,6 +552,8 @@ def write_split(path, *events):
 
 
 def fabricated(tmp_path, train=([EVENT],), val=([EVENT],), test=([EVENT],), **kw):
+    (tmp_path / "no_model").mkdir(exist_ok=True)
+    (tmp_path / "no_model" / "config.json").write_text("{}")  # a checkpoint directory as far as the first check goes
     return mrdpo_config(tmp_path, tmp_path / "run", train_data=write_split(tmp_path / "train.jsonl", *train),
                         val_data=write_split(tmp_path / "val.jsonl", *val), test_data=write_split(tmp_path / "test.jsonl", *test),
                         init_from=str(tmp_path / "no_model"), **kw)
