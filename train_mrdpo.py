@@ -365,7 +365,10 @@ def main(c):
                 os.replace(proxy_path + ".tmp", proxy_path)
             barrier(world_size)
         with open_safetensors(proxy_path) as f:
-            n_pairs = int(f.metadata()["pairs"])
+            n_pairs = (f.metadata() or {}).get("pairs", "")
+        if not n_pairs.isdigit():
+            raise CheckpointError(f"{proxy_path}: no pair count in its metadata (not a proxy this script wrote)")
+        n_pairs = int(n_pairs)
         model, tok = round_model(c, dev, t)  # unsharded on every rank, for generation
         val = evaluate_round(model, tok, c, judge, "val", rank, world_size)
         test = evaluate_round(model, tok, c, judge, "test", rank, world_size)

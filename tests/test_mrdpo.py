@@ -598,3 +598,13 @@ def test_a_cut_off_proxy_is_named_as_unreadable(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="round1/proxy.safetensors: cannot be read") as e:
         train_mrdpo.round_model(c, torch.device("cpu"), 1)
     assert "does not fit" not in str(e.value)
+
+
+def test_a_proxy_without_its_pair_count_is_named(tmp_path):
+    """A proxy.safetensors another tool wrote (no "pairs" in its metadata) is named, not a KeyError at its round."""
+    c = fabricated(tmp_path)
+    proxy = tmp_path / "run" / "round1" / "proxy.safetensors"
+    proxy.parent.mkdir(parents=True)
+    save_file({n: p.detach() for n, p in lora_model().named_parameters() if "lora_" in n}, str(proxy))
+    with pytest.raises(CheckpointError, match="round1/proxy.safetensors: no pair count"):
+        train_mrdpo.main(c)
