@@ -155,6 +155,10 @@ def test_encoders_pretrained_once_per_world(worlds, pretrain, tmp_path, capsys, 
     assert second.keys() == first.keys() and not all(torch.equal(first[k], second[k]) for k in first)
     pretrain(b, out)
     assert "kept" in capsys.readouterr().out  # and kept for that world
+    out.write_bytes(out.read_bytes()[:-100])  # cut short (a run killed while saving): trained again, not a traceback
+    pretrain(b, out)
+    printed = capsys.readouterr().out
+    assert "cannot be read" in printed and "encoders: " in printed and load_file(str(out)).keys() == first.keys()
 
 
 def test_content_hash_follows_the_world_the_arch_and_the_steps(worlds):

@@ -295,12 +295,16 @@ def main(argv=None):
     if not isinstance(arch, dict):
         raise UserError(f"{args.config}: sets no arch dict (the toy model's shapes, as config/toy_vision.py)")
     digest, seed = content_hash(args.data, arch, args.steps_scale)
+    meta = {}
     if os.path.exists(args.out):
-        with safe_open(args.out, "pt") as f:
-            meta = f.metadata() or {}  # a file saved without metadata (not this script's) is trained over
-        if meta.get("hash") == digest:
-            print(f"{args.out}: pretrained encoders of this world and code (hash {digest}) are there; kept")
-            return record(args.results, json.loads(meta["metrics"]), 0.0)
+        try:
+            with safe_open(args.out, "pt") as f:
+                meta = f.metadata() or {}  # a file saved without metadata (not this script's) is trained over
+        except Exception as e:  # SafetensorError: cut short by a killed run or a full disk; it is a cache, made again
+            print(f"{args.out}: cannot be read ({e}); trained again")
+    if meta.get("hash") == digest:
+        print(f"{args.out}: pretrained encoders of this world and code (hash {digest}) are there; kept")
+        return record(args.results, json.loads(meta["metrics"]), 0.0)
     t0 = time.time()
     torch.manual_seed(seed)
     tok = load_tokenizer(os.path.join(args.data, "tokenizer.json"))
