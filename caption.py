@@ -90,8 +90,8 @@ def main(argv):
     first = read(0) if len(videos) == 1 and todo else None
     tok = load_tokenizer(c["tokenizer"] or c["ckpt"])
     dev = torch.device(c["device"])
+    prompt_ids = chat_format(prep)[0](tok, c["prompt"] or trained_prompt(c["ckpt"]))  # before the model: a bad train_config.json fails in a second
     model = load_model(c["ckpt"], getattr(torch, c["dtype"]), dev).eval()
-    prompt_ids = chat_format(prep)[0](tok, c["prompt"] or trained_prompt(c["ckpt"]))
     stop = (tok.token_to_id("<|im_end|>"),)
     fed = []  # the todo index of each video the engine gets
 

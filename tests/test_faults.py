@@ -53,6 +53,9 @@ def mistakes(tiny_checkpoint, world, tmp_path_factory):  # noqa: F811
     shutil.copy(tiny_checkpoint / "tokenizer.json", half)
     weights = (tiny_checkpoint / "model.safetensors").read_bytes()
     (half / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # a download that stopped half way
+    cut_tc = d / "cut_train_config"
+    shutil.copytree(half, cut_tc)  # its half weights would be named if the model loaded before its train_config.json
+    (cut_tc / "train_config.json").write_text('{"caption_prompt": "Desc')
     latin1 = latin1_manifest(d / "latin1.jsonl")
     qa = d / "qa.jsonl"
     qa.write_text(json.dumps({"video": "v.mp4", "question": "What?", "options": ["a", "b", "c", "d"], "answer": "A"}) + "\n")
@@ -76,6 +79,7 @@ def mistakes(tiny_checkpoint, world, tmp_path_factory):  # noqa: F811
         (["caption.py", "--ckpt", missing, "--video", video], [f"{missing}: no such checkpoint directory"]),
         (["caption.py", f"--ckpt={no_tok}", f"--video={video}"], [no_tok / "tokenizer.json"]),  # before the model
         (["caption.py", f"--ckpt={half}", f"--video={video}"], [half / "model.safetensors", "incomplete download"]),
+        (["caption.py", f"--ckpt={cut_tc}", f"--video={video}"], [cut_tc / "train_config.json"]),
         (["eval.py", "--task=captions", f"--ckpt={tiny_checkpoint}", f"--manifest={latin1}"], [f"{latin1}:2: not UTF-8"]),
         (["eval.py", "--task=qa", f"--ckpt={missing}", f"--manifest={qa}"], [f"{missing}: no such checkpoint directory"]),
         (["eval.py", "--task=elo", f"--matches={missing}"], [f"{missing}: cannot read the matches"]),
