@@ -441,6 +441,8 @@ def load_plus_lora(cls, lora_path, base_path, dtype=None, device="cpu"):
             adapter = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{lora_path}: no readable adapter_config.json (a PEFT LoRA release?): {e}") from e
+    if not (isinstance(adapter, dict) and type(adapter.get("r")) is int and isinstance(adapter.get("lora_alpha"), (int, float))):
+        raise CheckpointError(f"{lora_path}/adapter_config.json: no integer r and number lora_alpha (a PEFT LoRA release?)")
     model = load_video_salmonn2_plus(cls, base_path, dtype, device)
     lora.apply_lora(model.llm, tuple(adapter.get("target_modules") or lora.TARGETS), adapter["r"], adapter["lora_alpha"], 0.0)
     file = os.path.join(lora_path, "adapter_model.safetensors")
@@ -453,6 +455,9 @@ def load_plus_lora(cls, lora_path, base_path, dtype=None, device="cpu"):
             name = plus_to_ours(k)
             if name not in ours:
                 raise CheckpointError(f"{file}: {key} fits no parameter of {cls.__name__} (as {name})")
+            if (shape := tuple(f.get_slice(key).get_shape())) != tuple(ours[name].shape):
+                raise CheckpointError(f"{file}: {key} is {list(shape)}, {name} is {list(ours[name].shape)} "
+                                      f"(a LoRA of another rank, or for another base?)")
             t = f.get_tensor(key)
             state[name] = t.to(ours[name].dtype) if t.is_floating_point() else t
     if not any(k.endswith(".lora_A") for k in state):

@@ -189,6 +189,15 @@ def test_lora_release_on_its_base(base_dirs, tmp_path):
         got, want, before = loaded.logits(input_ids=ids, **kw), expected.logits(input_ids=ids, **kw), base.logits(input_ids=ids, **kw)
     assert (got - want).abs().max().item() <= 1e-4 and (got - before).abs().max().item() > 1e-2
 
+    from checkpoint import CheckpointError  # a release that does not fit is named, not a load_state_dict size error
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({**adapter, key: torch.zeros(r + 1, adapter[key].shape[1])}, tmp_path / "lora" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=f"adapter_model.safetensors: {key} is \\[{r + 1}, "):
+        VideoSALMONN2Plus.from_lora(tmp_path / "lora", tmp_path / "base")
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"r": "4", "lora_alpha": alpha}))
+    with pytest.raises(CheckpointError, match="adapter_config.json: no integer r"):
+        VideoSALMONN2Plus.from_lora(tmp_path / "lora", tmp_path / "base")
+
 
 def test_save_pretrained_round_trip(base_dirs, tmp_path):
     _, root = base_dirs
