@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from config import UserError
+from config import UserError, of_type
 from encoders import Qwen25VisionConfig, SiglipVision, SiglipVisionConfig, WhisperConfig, WhisperEncoder
 from model import AVConfig, Qwen2, Qwen2Config
 from qformer import AudioAligner, QFormerConfig, qformer_plus_config
@@ -436,12 +436,8 @@ def load_plus_lora(cls, lora_path, base_path, dtype=None, device="cpu"):
     base: LoRA A/B on the LLM's projections, merged (W += alpha / r B A, as the authors' merge_and_unload),
     and the modules_to_save (the merger, the Q-Former, audio_proj) replacing the base's."""
     import lora
-    try:
-        with open(os.path.join(lora_path, "adapter_config.json")) as f:
-            adapter = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{lora_path}: no readable adapter_config.json (a PEFT LoRA release?): {e}") from e
-    if not (isinstance(adapter, dict) and type(adapter.get("r")) is int and isinstance(adapter.get("lora_alpha"), (int, float))):
+    adapter = read_json_object(os.path.join(lora_path, "adapter_config.json"))
+    if not (of_type(adapter.get("r"), int) and of_type(adapter.get("lora_alpha"), float)):
         raise CheckpointError(f"{lora_path}/adapter_config.json: no integer r and number lora_alpha (a PEFT LoRA release?)")
     model = load_video_salmonn2_plus(cls, base_path, dtype, device)
     lora.apply_lora(model.llm, tuple(adapter.get("target_modules") or lora.TARGETS), adapter["r"], adapter["lora_alpha"], 0.0)
@@ -542,8 +538,7 @@ def check_types(cfg, prefix=""):
         value, name = getattr(cfg, f.name), prefix + f.name
         if is_dataclass(f.type):
             check_types(value, name + ".")
-        elif not isinstance(value, {float: (int, float), tuple: (list, tuple)}.get(f.type, f.type)) or (
-                isinstance(value, bool) and f.type is not bool):
+        elif not of_type(value, f.type):
             raise TypeError(f"{name} must be {f.type.__name__}, got {value!r}")
 
 

@@ -115,7 +115,7 @@ def toy_items(items, task, fields, limit):
     for it in items:
         if missing := [k for k in fields if not it.get(k)]:
             raise UserError(f"{it['line']}: a toy {task} item without {' or '.join(map(repr, missing))}")
-        if "events" in fields and not all(isinstance(e, dict) and "key" in e for e in it["events"]):
+        if "events" in fields and not ToyJudge.reads(it["events"]):
             raise UserError(f"{it['line']}: events without the toy's keys (a toy event is {{\"text\", \"key\", ...}})")
     return items
 
@@ -199,13 +199,7 @@ def caption_benchmark(load, c):
     items = [it for it in listed if it.get("events")][:c["limit"] or None]
     ids = [str(it.get("id") or video_id(it["video"], c)) for it in items]
     path = os.path.join(c["out_dir"], "captions.jsonl")
-    made = {}
-    for n, r in enumerate(read_records(path), 1):
-        if not (isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("prediction"), str)
-                and isinstance(r.get("truncated"), bool)):
-            raise UserError(f"{path}: record {n} is not a caption {{\"id\", \"prediction\", \"truncated\", ...}}; "
-                            f"delete its line to make its item again")
-        made[r["id"]] = r
+    made = {r["id"]: r for r in read_records(path, {"id": str, "prediction": str, "truncated": bool})}
     todo = [it for i, it in zip(ids, items) if i not in made]
     if made:
         print(f"captions: {sum(i in made for i in ids)} captions from {path} (an earlier run), {len(todo)} to make")

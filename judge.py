@@ -66,6 +66,11 @@ class ToyJudge:
         self.world = importlib.util.module_from_spec(spec)  # data.py takes the name `data`: loaded from its file
         spec.loader.exec_module(self.world)
 
+    @staticmethod
+    def reads(events):
+        """Whether a manifest item's events are the toy world's, the only ones this judge can compare with."""
+        return isinstance(events, list) and all(isinstance(e, dict) and isinstance(e.get("key"), list) for e in events)
+
     def judge(self, caption, events, truncated=False, name=None, seed=None):
         return toy_judge(self.world.parse_caption(caption), [e["key"] for e in events])
 

@@ -269,29 +269,28 @@ def load_proxy(model, path):
 
 
 def eval_items(c, split):
-    """The caption items a round is evaluated on: the split's (val: its first val_items)."""
+    """The caption items each round is evaluated on: the split's (val: its first val_items), read once at start-up."""
     items = [it for it in read_manifest(c[f"{split}_data"]) if it.get("task") == "caption"]
+    if not items:
+        raise UserError(f"{c[f'{split}_data']}: no caption item to evaluate")
     return items[:c["val_items"]] if split == "val" and c["val_items"] else items
 
 
 def check_events(items, toy):
     """Every caption item needs the atomic events its captions are judged against, for the toy judge the toy world's
     (dicts with a "key"): checked up front, so a bad item fails the run in seconds, not rounds in."""
-    bad = [it["line"] for it in items if it.get("task") == "caption" and not (it.get("events") and (not toy or all(
-        isinstance(e, dict) and isinstance(e.get("key"), list) for e in it["events"])))]
+    bad = [it["line"] for it in items if it.get("task") == "caption"
+           and not (it.get("events") and (not toy or ToyJudge.reads(it["events"])))]
     if bad:
         whose = ', for the toy judge the toy world\'s (dicts with a "key" list)' if toy else ""
         more = f" (and {len(bad) - 1} more caption items)" if len(bad) > 1 else ""
         raise UserError(f"{bad[0]}: a caption item needs events to judge its captions against{whose}{more}")
 
 
-def evaluate_round(model, tok, c, judge, split, rank, world_size):
-    """Miss / Hall / Total of greedy captions of a split (val: its first val_items), each rank captioning a share,
-    judged on rank 0 as the samples are (items the judge fails on are named and left out, as in eval.py; rates
-    says over how many it judged). None on the other ranks."""
-    items = eval_items(c, split)
-    if not items:
-        raise UserError(f"{c[f'{split}_data']}: no caption item to evaluate")
+def evaluate_round(model, tok, c, judge, split, items, rank, world_size):
+    """Miss / Hall / Total of greedy captions of a split's items (eval_items), each rank captioning a share, judged
+    on rank 0 as the samples are (items the judge fails on are named and left out, as in eval.py; rates says over
+    how many it judged). None on the other ranks."""
     dev = next(model.parameters()).device
     data = Features(model, tok, items[rank::world_size], fps=c["fps"], max_frames=c["max_frames"],
                     cache_dir=c["cache_dir"], responses=False)
@@ -326,7 +325,8 @@ def main(c):
     train_items = [it for it in read_manifest(c["train_data"]) if it.get("task") in ("caption", "qa")]
     if not any(it["task"] == "caption" for it in train_items):
         raise UserError(f"{c['train_data']}: no caption item to sample")
-    for items in (train_items, eval_items(c, "val"), eval_items(c, "test")):
+    splits = {split: eval_items(c, split) for split in ("val", "test")}
+    for items in (train_items, *splits.values()):
         check_events(items, c["judge"] == "toy")
     # the exact toy judge (the toy world's caption grammar) or the LLM judge, for the samples and each round's rates
     judge = ToyJudge() if c["judge"] == "toy" else LLMJudge(cache_path=os.path.join(c["out_dir"], "judge_cache.sqlite"),
@@ -370,8 +370,8 @@ def main(c):
             raise CheckpointError(f"{proxy_path}: no pair count in its metadata (not a proxy this script wrote)")
         n_pairs = int(n_pairs)
         model, tok = round_model(c, dev, t)  # unsharded on every rank, for generation
-        val = evaluate_round(model, tok, c, judge, "val", rank, world_size)
-        test = evaluate_round(model, tok, c, judge, "test", rank, world_size)
+        val, test = (evaluate_round(model, tok, c, judge, split, items, rank, world_size)
+                     for split, items in splits.items())
         del model
         if rank == 0:
             rec = {"round": t, "pairs": n_pairs, "val": val, **test}

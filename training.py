@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import lora
 from checkpoint import CheckpointError, load_model, read_config, read_json_object, train_config
-from config import UserError, configure
+from config import UserError, configure, of_type
 from data import SILENCE, Features, load_tokenizer, read_manifest, soundtrack_words
 from model import GROUP_OVERHEAD, AVConfig, VideoSALMONN2
 from model_plus import PlusConfig, VideoSALMONN2Plus, plus_tokens
@@ -313,12 +313,10 @@ def saved_settings(meta, file):
     c = meta.get("config")
     if not isinstance(c, dict):
         raise CheckpointError(f"{file}: no config object (not the meta.json of a training checkpoint)")
-    kinds = {float: (int, float), tuple: (list, tuple), type(None): (bool, type(None))}
     for key, default in configure(globals(), []).items():
-        kind = kinds.get(type(default), type(default))
         if key not in c:
             raise CheckpointError(f"{file}: its config has no {key!r} (written by another version of this code?)")
-        if not isinstance(c[key], kind) or (isinstance(c[key], bool) and type(default) in (int, float)):
+        if not of_type(c[key], type(default)):
             want = "bool or None" if default is None else type(default).__name__
             raise CheckpointError(f"{file}: its config's {key} must be {want}, got {c[key]!r}")
     return c

@@ -90,15 +90,18 @@ def _set(g, keys, key, value, source):
     if key not in keys:
         raise UserError(f"{source}: unknown config key {key!r}")
     default = g[key]
-    if default is None:  # a switch the checkpoint decides unless set (time_aligned, snap_audio)
-        ok, kind = value is None or isinstance(value, bool), "True, False or None"
-    else:  # a bool is an int to Python but never a count or a rate: --steps=True is a mistake
-        ok = isinstance(value, (int, float) if isinstance(default, float) else type(default)) \
-            and isinstance(value, bool) == isinstance(default, bool)
-        kind = type(default).__name__
-    if not ok:
+    if not of_type(value, type(default)):
+        kind = "True, False or None" if default is None else type(default).__name__
         raise UserError(f"{source}: {key} must be {kind}, got {value!r}")
-    g[key] = float(value) if isinstance(default, float) else value
+    g[key] = float(value) if isinstance(default, float) else tuple(value) if isinstance(default, tuple) else value
+
+
+def of_type(value, kind):
+    """Whether a setting's value is of its kind as a literal or JSON writes it: an int for a float, a list for a tuple,
+    True, False or None for None (a switch left to the checkpoint: time_aligned, snap_audio). A bool is an int to
+    Python but never a count or a rate: --steps=True is a mistake."""
+    wanted = {float: (int, float), tuple: (list, tuple), type(None): (bool, type(None))}.get(kind, kind)
+    return isinstance(value, wanted) and (not isinstance(value, bool) or kind in (bool, type(None)))
 
 
 # -----------------------------------------------------------------------------

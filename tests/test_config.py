@@ -29,6 +29,7 @@ def test_key_space_value_as_well_as_key_equals_value():
                                       "('k_proj',)"])
     assert resolved["steps"] == 30 and resolved["name"] == "real run" and resolved["greedy"] is True
     assert resolved["lr"] == 1.0 and resolved["targets"] == ("k_proj",)
+    assert configure(defaults(), ["--targets=['k_proj', 'v_proj']"])["targets"] == ("k_proj", "v_proj")  # a list, kept a tuple
     # a bare bool flag takes only True / False after it, so it can stand before anything else
     assert configure(defaults(), ["--greedy", "False", "--steps=2"])["greedy"] is False
     assert configure(defaults(), ["--device", "False"])["device"] is False  # a None default is a flag too
@@ -40,7 +41,8 @@ def test_key_space_value_as_well_as_key_equals_value():
                                      ("--greedy=yes", "greedy must be bool"), ("--stpes", "unknown config key 'stpes'"),
                                      ("--steps=True", "steps must be int"), ("--lr=False", "lr must be float"),
                                      ("--greedy=1", "greedy must be bool"), ("--device=yes", "device must be True, False or None"),
-                                     ("--device=1", "device must be True, False or None")])
+                                     ("--device=1", "device must be True, False or None"),
+                                     ("--targets=q_proj", "targets must be tuple")])
 def test_mistakes_fail_loudly(arg, msg):
     with pytest.raises(UserError, match=msg):
         configure(defaults(), [arg])

@@ -298,7 +298,7 @@ def test_caption_benchmark_names_a_bad_record_of_an_earlier_run(tmp_path, record
                                                      + "\n" + json.dumps(record) + "\n")
     c = {"manifest": str(write_manifest(tmp_path / "test.jsonl", [{"video": "a.mp4", "prompt": "Describe.", "events": ["x"]}])),
          "limit": 0, "out_dir": str(tmp_path / "out")}
-    with pytest.raises(ev.UserError, match=re.escape(f"{tmp_path / 'out' / 'captions.jsonl'}: record 2 is not a caption")):
+    with pytest.raises(ev.UserError, match=re.escape(f"{tmp_path / 'out' / 'captions.jsonl'}:2: not a record with 'id' (str)")):
         ev.caption_benchmark(lambda: pytest.fail("the model loaded before the earlier captions were read"), c)
 
 

@@ -389,7 +389,7 @@ def test_two_processes_run_every_phase_and_evaluate_as_one(toy, tmp_path):
     for t in (1, 2):
         done = json.loads((out / f"round{t}" / "done.json").read_text())
         model, tok = train_mrdpo.round_model(c, torch.device("cpu"), t)
-        one = train_mrdpo.evaluate_round(model, tok, c, ToyJudge(), "test", 0, 1)
+        one = train_mrdpo.evaluate_round(model, tok, c, ToyJudge(), "test", train_mrdpo.eval_items(c, "test"), 0, 1)
         assert {k: done[k] for k in one} == one
 
 
@@ -470,7 +470,7 @@ def test_a_judge_that_fails_every_caption_gives_no_rate(one_round):
             return [], {it["id"]: f"item {it['id']}: the judge rejected the request" for it in items}
     model, tok = train_mrdpo.round_model(one_round, torch.device("cpu"), 1)
     with pytest.raises(SystemExit, match="val: no rate: the judge failed on all 1 captions"):
-        train_mrdpo.evaluate_round(model, tok, one_round, Failing(), "val", 0, 1)
+        train_mrdpo.evaluate_round(model, tok, one_round, Failing(), "val", train_mrdpo.eval_items(one_round, "val"), 0, 1)
 
 
 @pytest.fixture(scope="module")

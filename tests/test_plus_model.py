@@ -197,6 +197,9 @@ def test_lora_release_on_its_base(base_dirs, tmp_path):
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"r": "4", "lora_alpha": alpha}))
     with pytest.raises(CheckpointError, match="adapter_config.json: no integer r"):
         VideoSALMONN2Plus.from_lora(tmp_path / "lora", tmp_path / "base")
+    (tmp_path / "lora" / "adapter_config.json").write_text('{"r": 4, "lora_al')  # cut short by a download
+    with pytest.raises(CheckpointError, match="adapter_config.json: not a JSON object"):
+        VideoSALMONN2Plus.from_lora(tmp_path / "lora", tmp_path / "base")
 
 
 def test_save_pretrained_round_trip(base_dirs, tmp_path):
