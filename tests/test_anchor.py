@@ -3,15 +3,14 @@ closed form, and the option wired through the alignment stage to the aligner alo
 import itertools
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_cli
 from model import AVConfig, VideoSALMONN2, anchor_loss
 from qformer import segment_positions
-from test_train import ARCH, ROOT, final_weights, run, world, write_config  # noqa: F401  world is a fixture
+from test_train import ARCH, final_weights, run, world, write_config  # noqa: F401  world is a fixture
 
 torch.manual_seed(0)
 
@@ -111,5 +110,5 @@ def test_align_stage_with_the_anchor_trains_the_aligner_alone(world, tmp_path): 
     if_no_audio = write_config(tmp_path / "bad.py", world, tmp_path / "bad", init_from=str(tmp_path / "base" / "final"),
                                tokenizer="", train_data=str(world / "align.jsonl"), tasks=("asr",), anchor=1.0,
                                use_audio=False)
-    out = subprocess.run([sys.executable, "train_align.py", if_no_audio], cwd=ROOT, capture_output=True, text=True)
+    out = run_cli("train_align.py", if_no_audio)
     assert out.returncode == 2 and "anchor: needs audio" in out.stderr + out.stdout

@@ -2,8 +2,6 @@
 layout, the LLaVA-OneVision + Whisper base, and caption.py."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch.nn.functional as F
 import transformers as hf
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tokenizer
+from conftest import make_tokenizer, run_cli
 import checkpoint
 import model
 from checkpoint import ours_to_released
@@ -202,8 +200,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def run_caption(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "caption.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return run_cli("caption.py", *args)
 
 
 def naive_greedy(m, feats, prompt_ids, max_new_tokens, stop_id):

@@ -1,19 +1,14 @@
 """bench/backbone.py --smoke runs, our Qwen2 agrees with transformers, and its table is consistent: each tokens/s is
 the tokens it names over the seconds it prints, each ratio the quotient of the two tokens/s, and the closing ratio
 lines repeat the table's ratios."""
-import os
 import re
-import subprocess
-import sys
 
-from conftest import printed_quotient
+from conftest import printed_quotient, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_backbone_smoke():
-    r = subprocess.run([sys.executable, os.path.join("bench", "backbone.py"), "--smoke"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("bench/backbone.py", "--smoke")
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     diff = re.search(r"^logits max abs diff: (\S+)$", out, re.M)

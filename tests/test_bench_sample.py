@@ -1,18 +1,15 @@
 """bench/sample.py runs, the engine and one video at a time give the same tokens, and it ends with the speedup line."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_cli
+
 
 
 @pytest.mark.parametrize("samples", [1, 2], ids=["greedy", "nucleus"])
 def test_sample_bench_smoke(samples):
-    out = subprocess.run([sys.executable, "bench/sample.py", "--smoke", f"--samples={samples}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = run_cli("bench/sample.py", "--smoke", f"--samples={samples}")
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     one, engine = re.fullmatch(r"tokens: one at a time (\w+), engine (\w+), identical", lines[1]).groups()

@@ -4,14 +4,10 @@ prints, each ratio the quotient of the seconds it names, the cache saving the tw
 5-pass schemes compute the same loss, and it ends with the machine-readable SFT MFU line. No time is compared with
 anything but the bench's own printed times."""
 import math
-import os
 import re
-import subprocess
-import sys
 
-from conftest import printed_quotient, rounded
+from conftest import printed_quotient, rounded, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("SFT ckpt on", "SFT ckpt off", "gDPO vs SFT", "gDPO vs 5-pass", "sampling n=2", "Whisper", "cache saving")
 PROMPT = 14 + 50  # chat prompt ids around the audio-visual block
 # v1: a 32 px image in 4 px patches is an 8 x 8 grid, pooled to 4 x 4 plus 4 row newlines = 20 tokens a frame; 60 s of
@@ -24,8 +20,7 @@ PREFIX_PLUS = 2 * 4 + 3 * 60 + 2 + PROMPT
 
 def smoke(vision, *args):
     """(lines, the header's numbers, {row name: its fields}) of one smoke run; vision: the name of its vision row."""
-    out = subprocess.run([sys.executable, "bench/scale.py", "--smoke", "--device=cpu", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = run_cli("bench/scale.py", "--smoke", "--device=cpu", *args)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("cpu, ") and "2 layers" in lines[0] and lines[-1] == "sft_mfu: -"  # no peak FLOP/s on the CPU

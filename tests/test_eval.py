@@ -3,17 +3,16 @@ the released caption benchmark and QA from captions against the fake OpenAI-comp
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
+from conftest import run_cli
 import eval as ev
 from checkpoint import DEMO_PROMPT
 from data import encode_prompt, load_tokenizer, load_video
 from judge import MAX_ATTEMPTS, SEED, rates, reduce_repeated_words
 from model import VideoSALMONN2
-from test_av_model import ROOT, naive_greedy, tiny_checkpoint  # noqa: F401 (a fixture)
+from test_av_model import naive_greedy, tiny_checkpoint  # noqa: F401 (a fixture)
 from test_judge import answer_text, caption_of, server  # noqa: F401 (a fixture)
 from test_media import write_video
 
@@ -23,9 +22,8 @@ VIDEOMME = ("Select the best answer to the following multiple-choice question ba
 
 
 def run_eval(*args, port=None):
-    env = {**os.environ, "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1", "OPENAI_API_KEY": "test"} if port else None
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *map(str, args)], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=120)
+    env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1", "OPENAI_API_KEY": "test"} if port else None
+    out = run_cli("eval.py", *args, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

@@ -2,13 +2,12 @@
 released layout and, for the LLM, in Hugging Face's Qwen2 layout as transformers reads it."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from test_train import run, world, write_config  # noqa: F401 (world is a fixture)
 
 import checkpoint
@@ -81,8 +80,7 @@ def test_export_of_a_model_dir_and_bad_checkpoint(exported, tmp_path):
     meta["config"]["lora_r"] = 8  # a config that builds a model the weights do not fit
     (bad / "meta.json").write_text(json.dumps(meta))
     (bad / "trainable.safetensors").write_bytes((exported / "sft" / "ckpt" / "trainable.safetensors").read_bytes())
-    out = subprocess.run([sys.executable, "export.py", f"--ckpt={bad}", f"--out={tmp_path / 'x'}"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = run_cli("export.py", f"--ckpt={bad}", f"--out={tmp_path / 'x'}")
     assert out.returncode != 0 and str(bad) in out.stderr and not (tmp_path / "x").exists()
 
 

@@ -1,5 +1,6 @@
 """Issue 12: the faults found by fault injection, each fixed, and every entry point's user mistakes said in one line
-naming the file or item, exit status 2, no traceback (driven through subprocesses; most fail before a model loads).
+naming the file or item, exit status 2, no traceback (driven as commands, conftest.run_cli; most fail before a model
+loads).
 MrDPO's faults are tested in test_mrdpo.py (they need its toy world), the audio fit and the cache key in test_media.py
 and test_feature_cache.py, a reply that is no chat completion in test_judge.py."""
 import json
@@ -8,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ import eval as ev
 import training
 from checkpoint import DEMO_PROMPT, CheckpointError
 from config import UserError, configure
-from conftest import write_crafted_state
+from conftest import run_cli, write_crafted_state
 from data import read_manifest
 from model import VideoSALMONN2
 from test_av_model import ROOT, outputs, tiny_checkpoint, tiny_model  # noqa: F401 (a fixture)
@@ -26,11 +26,6 @@ from test_eval import greedy
 from test_judge import answer_text, server  # noqa: F401 (a fixture)
 from test_media import write_video
 from test_train import world, write_config  # noqa: F401 (a fixture)
-
-
-def run_script(*args, env=None):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def latin1_manifest(path):
@@ -98,9 +93,8 @@ def mistakes(tiny_checkpoint, world, tmp_path_factory):  # noqa: F811
 
 def test_every_entry_point_says_a_mistake_in_one_line(mistakes):
     cases, marker = mistakes
-    with ThreadPoolExecutor(2) as pool:
-        outs = list(pool.map(lambda case: run_script(*case[0]), cases))
-    for (args, names), out in zip(cases, outs):
+    for args, names in cases:
+        out = run_cli(*args)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr[-2000:])
         assert all(str(n) in lines[0] for n in names), (args, lines[0])
@@ -108,7 +102,8 @@ def test_every_entry_point_says_a_mistake_in_one_line(mistakes):
 
 
 def test_help_lists_the_settings_with_defaults_and_comments():
-    align, evaluate = (run_script(script, "--help") for script in ("train_align.py", "eval.py"))
+    align = subprocess.run([sys.executable, "train_align.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    evaluate = run_cli("eval.py", "--help")  # the first as a process of its own: the scripts start as commands too
     assert align.returncode == evaluate.returncode == 0
     # train_align.py's own settings and those it takes from training.py, each with the comment after it
     assert "  --train_data='data/toyav/align_train.jsonl'  # audio-only items" in align.stdout.splitlines()
@@ -123,7 +118,7 @@ def test_caption_without_prompt_uses_the_prompt_the_checkpoint_was_trained_with(
     shutil.copytree(tiny_checkpoint, ckpt)
     (ckpt / "train_config.json").write_text(json.dumps({"caption_prompt": trained}))  # as training.save_final writes it
     video = write_video(tmp_path / "v.mp4", 2)
-    out = run_script("caption.py", f"--ckpt={ckpt}", f"--video={video}", "--greedy", "--max_new_tokens=8")
+    out = run_cli("caption.py", f"--ckpt={ckpt}", f"--video={video}", "--greedy", "--max_new_tokens=8")
     assert out.returncode == 0, out.stderr[-2000:]
     want, demo = (greedy(ckpt, video, prompt, 8)[0] for prompt in (trained, DEMO_PROMPT))
     assert want != demo  # this model answers the two prompts differently, so the output tells which one was used
@@ -151,7 +146,7 @@ def test_caption_benchmark_keeps_each_caption_continues_and_never_reports_no_jud
     server.answer = lambda body: answer_text(0, 0, 0)
     server.faulty = lambda body: "A high tone plays." in body["messages"][1]["content"]
     server.faults = [("sleep", 1.5)] + [("status", 400, {})] * 7
-    first = run_script(*args, f"--judge_cache={tmp_path / 'j1.sqlite'}", "--judge_timeout=0.5", env=env)
+    first = run_cli(*args, f"--judge_cache={tmp_path / 'j1.sqlite'}", "--judge_timeout=0.5", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "captions: 4 items; dropped: 1 without events, 1 unreadable (named above)" in first.stdout
     assert "bad.mp4" in first.stdout and len(server.requests) == 7 + 1 + 7
@@ -164,7 +159,7 @@ def test_caption_benchmark_keeps_each_caption_continues_and_never_reports_no_jud
     made[0]["prediction"] = "KEPT CAPTION"
     (out_dir / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in made) + '{"id": "c.mp')
     server.faults, server.faulty = [("status", 400, {})] * 100, lambda body: True
-    second = run_script(*args, f"--judge_cache={tmp_path / 'j2.sqlite'}", env=env)
+    second = run_cli(*args, f"--judge_cache={tmp_path / 'j2.sqlite'}", env=env)
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 1 and len(lines) == 1 and "no rate: the judge failed on all 2 items" in lines[0]
     assert "cut-off last line" in second.stdout and "2 captions from" in second.stdout

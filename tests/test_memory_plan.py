@@ -6,14 +6,12 @@ import math
 import os
 import re
 import runpy
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import lora
-from conftest import make_tokenizer
+from conftest import make_tokenizer, run_cli
 from model import AVConfig, VideoSALMONN2
 import training
 
@@ -141,7 +139,7 @@ def test_activation_formula_equals_the_saved_tensors(targets, dropout):
 
 
 def test_script_prints_the_7b_table():
-    out = subprocess.run([sys.executable, "bench/memory_plan.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_cli("bench/memory_plan.py")
     assert out.returncode == 0, out.stderr[-2000:]
     print(out.stdout)
     assert "7,615,616,512" in out.stdout  # Qwen2-7B, untied head: the LLM's exact count
@@ -191,8 +189,7 @@ def test_plus_activation_formula_equals_the_saved_tensors(targets, dropout):
 
 @pytest.mark.parametrize("name,worlds", [("vs2plus_7b", ("8", "1")), ("vs2plus_72b", ("64", "32"))])
 def test_script_prints_the_plus_tables(name, worlds):
-    out = subprocess.run([sys.executable, "bench/memory_plan.py", f"--model={name}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = run_cli("bench/memory_plan.py", f"--model={name}")
     assert out.returncode == 0, out.stderr[-2000:]
     print(out.stdout)
     assert ("LLM 7,615,616,512" if name == "vs2plus_7b" else "LLM 72,706,203,648") in out.stdout  # Qwen2.5-VL's LLM

@@ -21,7 +21,7 @@ import train_mrdpo
 import training
 from checkpoint import CheckpointError
 from config import UserError, configure
-from conftest import write_crafted_state
+from conftest import run_cli, write_crafted_state
 from data import Features, read_manifest
 from judge import ToyJudge
 from model import VideoSALMONN2
@@ -230,8 +230,7 @@ def toy(tmp_path_factory):
     cfg.write_text(f"tokenizer = {str(d / 'data' / 'tokenizer.json')!r}\ntrain_data = {str(d / 'data' / 'train.jsonl')!r}\n"
                    f"val_data = ''\nout_dir = {str(d / 'sft')!r}\ncache_dir = {str(d / 'cache')!r}\nsteps = 3\n"
                    "batch_size = 2\nlora_r = 0\ntrainable = ('llm.', 'projector.', 'image_newline', 'audio.')\n")
-    out = subprocess.run([sys.executable, "train_sft.py", "config/toy_vision.py", str(cfg), "--use_audio=True",
-                          "--tasks=('caption','qa')", "--encoders="], cwd=ROOT, capture_output=True, text=True)
+    out = run_cli("train_sft.py", "config/toy_vision.py", cfg, "--use_audio=True", "--tasks=('caption','qa')", "--encoders=")
     assert out.returncode == 0, out.stderr[-2000:]
     return d
 

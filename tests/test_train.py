@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import training
 from checkpoint import CheckpointError
-from conftest import make_tokenizer
+from conftest import make_tokenizer, run_cli
 from model import VideoSALMONN2
 from test_media import write_video, write_wav
 
@@ -58,16 +58,17 @@ def write_config(path, world, out, **kw):
 
 
 def run(args, nproc=1, timeout=240):
+    """A script's command, run in this process (conftest.run_cli), or under torchrun with nproc processes."""
     if nproc == 1:
-        cmd = [sys.executable, *args]
+        out = run_cli(*args)
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                f"--master_port={port}", *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -237,7 +238,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(world, tmp_path):
     max_bad_steps of them in a row end the run with a clear message instead of training on garbage."""
     cfg = write_config(tmp_path / "nan.py", world, tmp_path / "nan", steps=20, lr=1e30, warmup_ratio=0.0, grad_clip=0.0,
                        max_bad_steps=3)
-    out = subprocess.run([sys.executable, "train_sft.py", cfg], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    out = run_cli("train_sft.py", cfg)
     assert out.returncode != 0
     assert "3 non-finite losses in a row" in out.stderr + out.stdout
     assert (out.stdout + out.stderr).count("non-finite loss, step skipped") == 3

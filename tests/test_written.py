@@ -1,15 +1,12 @@
 """The toy LLM's written soundtrack (training.py's written_audio): each item's audio events written as word tokens,
 one to an aligner window, embedded where the aligner's tokens go, with the segment embedding theirs carry."""
-import math
-import subprocess
-import sys
-
 import torch
 
+from conftest import run_cli
 from data import Features, read_manifest, soundtrack_ids
 from model import AVConfig, VideoSALMONN2
 from qformer import segment_positions
-from test_train import ARCH, ROOT, run, small_toy_vision, world, write_config  # noqa: F401  world is a fixture
+from test_train import ARCH, run, small_toy_vision, world, write_config  # noqa: F401  world is a fixture
 
 
 class WordTokenizer:
@@ -74,7 +71,7 @@ def test_written_audio_stage_trains_and_refuses_what_it_cannot_do(world, tmp_pat
     for bad, message in [(dict(use_audio=False), "written_audio: needs audio"),
                          (dict(anchor=1.0), "anchor and written_audio")]:
         path = write_config(tmp_path / "bad.py", world, tmp_path / "bad", written_audio=True, **bad)
-        out = subprocess.run([sys.executable, "train_sft.py", path], cwd=ROOT, capture_output=True, text=True)
+        out = run_cli("train_sft.py", path)
         assert out.returncode == 2 and message in out.stderr + out.stdout, out.stderr[-500:]
 
 
